@@ -1,0 +1,26 @@
+"""Linear averaging / model soup (Wortsman et al., 2022; seed 004 "LA")."""
+
+from __future__ import annotations
+
+from mergebench.methods import InputContract, Param, method
+
+from ._common import weighted_sum, weights_for
+
+
+@method(
+    "linear",
+    citation="Wortsman et al., 2022. Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time. ICML.",
+    params=[Param("normalize", "bool", True, help="divide by the sum of weights (a weighted mean)")],
+    contract=InputContract(base="unused", min_experts=1),
+    granularity="elementwise",
+    properties={"idempotent", "order_invariant"},
+)
+def linear(base, experts, weights, params, ctx):
+    """Weighted average of the experts' weights: sum_i w_i theta_i / sum_i w_i."""
+    w = weights_for(weights, experts[0])
+    if params["normalize"]:
+        total = sum(w)
+        if total == 0:
+            raise ValueError(f"{ctx.name}: linear merge weights sum to zero; cannot normalize")
+        w = [x / total for x in w]
+    return weighted_sum(experts, w)

@@ -1,0 +1,129 @@
+"""Method registry: a decorator for authors, entry points for discovery.
+
+Built-in methods (``baselines/``) and third-party plugins are found the same way: through
+the ``mergebench.methods`` entry-point group, whose targets are :class:`MethodSpec`
+objects (or modules/lists of them). Methods defined in a script can be registered directly
+with :func:`register` or the :func:`method` decorator.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from collections.abc import Callable, Iterable
+from types import ModuleType
+from typing import Any
+
+from .spec import Granularity, InputContract, Kernel, MethodSpec, Param
+
+ENTRY_POINT_GROUP = "mergebench.methods"
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+class UnknownMethodError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0])
+
+
+def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
+    """Add ``spec`` to the registry; a different method under a taken name is an error."""
+    current = _REGISTRY.get(spec.name)
+    if current is not None and current is not spec and not replace:
+        if (current.kernel.__module__, current.kernel.__qualname__) != (spec.kernel.__module__, spec.kernel.__qualname__):
+            raise ValueError(
+                f"method name {spec.name!r} is registered twice: by {current.source or current.kernel.__module__} "
+                f"and by {spec.source or spec.kernel.__module__}"
+            )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def method(
+    name: str,
+    *,
+    version: str = "1.0",
+    citation: str = "",
+    params: Iterable[Param] = (),
+    contract: InputContract | None = None,
+    granularity: Granularity = "tensor",
+    stochastic: bool = False,
+    prepass=None,
+    aux_inputs: Iterable[str] = (),
+    properties: Iterable[str] = (),
+    summary: str | None = None,
+) -> Callable[[Kernel], MethodSpec]:
+    """Decorator turning a kernel function into a registered :class:`MethodSpec`.
+
+    The first line of the kernel's docstring becomes the summary unless given.
+    """
+
+    def wrap(kernel: Kernel) -> MethodSpec:
+        doc = (kernel.__doc__ or "").strip().splitlines()
+        spec = MethodSpec(
+            name=name,
+            kernel=kernel,
+            version=version,
+            citation=citation,
+            summary=summary if summary is not None else (doc[0] if doc else ""),
+            params=tuple(params),
+            contract=contract or InputContract(),
+            granularity=granularity,
+            stochastic=stochastic,
+            prepass=prepass,
+            aux_inputs=tuple(aux_inputs),
+            properties=frozenset(properties),
+            source=kernel.__module__,
+        )
+        return register(spec)
+
+    return wrap
+
+
+def _specs_in(obj: Any) -> list[MethodSpec]:
+    if isinstance(obj, MethodSpec):
+        return [obj]
+    if isinstance(obj, ModuleType):
+        return [v for v in vars(obj).values() if isinstance(v, MethodSpec)]
+    if isinstance(obj, (list, tuple)):
+        return [s for o in obj for s in _specs_in(o)]
+    raise TypeError(f"entry point target {obj!r} is not a MethodSpec, a list of them, or a module")
+
+
+def load_entry_points(force: bool = False) -> None:
+    """Import every ``mergebench.methods`` entry point (once per process)."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED and not force:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            target = ep.load()
+        except Exception as exc:  # a broken plugin must not hide the others
+            raise ImportError(f"could not load mergebench method plugin {ep.name!r} ({ep.value}): {exc}") from exc
+        specs = _specs_in(target)
+        if isinstance(target, MethodSpec) and target.name != ep.name:
+            raise ValueError(f"entry point {ep.name!r} ({ep.value}) points to method named {target.name!r}")
+        for spec in specs:
+            register(spec)
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name (loading entry points first)."""
+    load_entry_points()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownMethodError(
+            f"unknown merge method {name!r}{hint} (run `mergebench methods` to list them)"
+        ) from None
+
+
+def list_methods() -> list[MethodSpec]:
+    """All registered methods, sorted by name."""
+    load_entry_points()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]

@@ -1,0 +1,301 @@
+"""The method contract: what a merge method declares and what its kernel receives.
+
+A method is data (a :class:`MethodSpec`) plus one pure kernel function. The engine reads
+the spec to validate parameters and inputs *before* any tensor is read, to decide how much
+of a tensor the kernel must see at once (``granularity``), and to hand stochastic methods
+an explicit, per-tensor seeded :class:`torch.Generator`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+__all__ = [
+    "Granularity",
+    "InputContract",
+    "Kernel",
+    "MethodSpec",
+    "ModuleKind",
+    "Param",
+    "ParameterError",
+    "TensorContext",
+]
+
+
+class ParameterError(ValueError):
+    """A method parameter (or the input contract) is violated; raised before any tensor work."""
+
+
+class ModuleKind(str, enum.Enum):
+    """Coarse role of a tensor inside a transformer, derived from its name."""
+
+    ATTENTION = "attention"
+    MLP = "mlp"
+    EMBEDDING = "embedding"
+    NORM = "norm"
+    OTHER = "other"
+
+
+Granularity = Literal["elementwise", "tensor", "matrix"]
+"""How much of a tensor a kernel must see at once.
+
+* ``elementwise``: the kernel's output at an index depends only on the inputs at that
+  index (linear, task arithmetic); the engine may split a tensor into chunks.
+* ``tensor``: the kernel needs the whole tensor (norms, angles, top-k per tensor).
+* ``matrix``: the kernel works on 2-D weight matrices (SVD methods); it still receives
+  1-D tensors and must say in its docstring what it does with them.
+"""
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """Where a tensor sits in the model; everything a kernel may know besides the values.
+
+    ``generator`` is set (and seeded from the run seed and the tensor name) for
+    stochastic methods only, so results do not depend on the order tensors are visited.
+    ``model_stats`` holds the per-tensor outputs of the method's ``prepass`` (if any), for
+    methods whose decision for one tensor depends on the whole model (e.g. a guardrail on
+    the mean layer angle). ``aux`` holds auxiliary per-expert tensors with the same name
+    (e.g. diagonal Fisher estimates), keyed by the auxiliary input's name.
+    """
+
+    name: str = "tensor"
+    layer: int | None = None
+    num_layers: int | None = None
+    kind: ModuleKind = ModuleKind.OTHER
+    generator: torch.Generator | None = None
+    model_stats: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    aux: Mapping[str, Sequence[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def depth(self) -> float | None:
+        """Relative depth in [0, 1] (first layer 0, last layer 1), or None outside layers."""
+        if self.layer is None or not self.num_layers:
+            return None
+        return self.layer / max(self.num_layers - 1, 1)
+
+
+class Kernel(Protocol):
+    """A pure merge function. Must not mutate its inputs; returns a new tensor shaped like
+    the experts, in the experts' dtype and device."""
+
+    def __call__(
+        self,
+        base: torch.Tensor | None,
+        experts: Sequence[torch.Tensor],
+        weights: torch.Tensor,
+        params: Mapping[str, Any],
+        ctx: TensorContext,
+    ) -> torch.Tensor: ...
+
+
+ParamType = Literal["float", "int", "bool", "str", "floats"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One typed hyperparameter with its default and valid range.
+
+    ``floats`` is a list of floats (e.g. a per-layer schedule). ``per_expert`` floats may
+    also be given as one value per expert (mergekit's per-model ``density``); the kernel
+    then always receives a tuple with one value per expert.
+    """
+
+    name: str
+    type: ParamType
+    default: Any
+    help: str = ""
+    ge: float | None = None
+    le: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False
+    per_expert: bool = False
+
+    def describe_range(self) -> str:
+        parts = []
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        lo = f"[{self.ge}" if self.ge is not None else (f"({self.gt}" if self.gt is not None else "(-inf")
+        hi = f"{self.le}]" if self.le is not None else (f"{self.lt})" if self.lt is not None else "inf)")
+        if self.type in ("float", "int", "floats"):
+            parts.append(f"{lo}, {hi}")
+        return " ".join(parts)
+
+    def coerce(self, value: Any, method: str, n_experts: int | None = None) -> Any:
+        """Convert ``value`` (possibly a CLI string) to this parameter's type and check range."""
+        where = f"method {method!r}: parameter {self.name!r}"
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if self.nullable:
+                return None
+            raise ParameterError(f"{where} may not be None")
+        if self.per_expert and isinstance(value, (list, tuple)):
+            if n_experts is not None and len(value) != n_experts:
+                raise ParameterError(f"{where} has {len(value)} per-expert values for {n_experts} experts")
+            return tuple(self._scalar(v, where) for v in value)
+        if self.type == "floats":
+            if isinstance(value, str):
+                value = [v for v in value.strip("[]() ").split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ParameterError(f"{where} must be a non-empty list of floats, got {value!r}")
+            return tuple(self._scalar(v, where, "float") for v in value)
+        out = self._scalar(value, where)
+        return tuple([out] * n_experts) if self.per_expert and n_experts is not None else out
+
+    def _scalar(self, value: Any, where: str, type_: str | None = None) -> Any:
+        type_ = type_ or self.type
+        try:
+            if type_ == "bool":
+                if isinstance(value, str):
+                    if value.lower() in ("1", "true", "yes", "on"):
+                        return True
+                    if value.lower() in ("0", "false", "no", "off"):
+                        return False
+                    raise ValueError(value)
+                if not isinstance(value, (bool, int)):
+                    raise ValueError(value)
+                return bool(value)
+            if type_ == "int":
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+                if isinstance(value, bool):
+                    raise ValueError(value)
+                out: Any = int(value)
+            elif type_ in ("float", "floats"):
+                if isinstance(value, bool):
+                    raise ValueError(value)
+                out = float(value)
+                if not math.isfinite(out):
+                    raise ValueError(value)
+            else:
+                out = str(value)
+        except (TypeError, ValueError):
+            raise ParameterError(f"{where} must be of type {type_}, got {value!r}") from None
+        if self.choices is not None and out not in self.choices:
+            raise ParameterError(f"{where} must be one of {', '.join(self.choices)}; got {out!r}")
+        if type_ in ("float", "int", "floats"):
+            bad = (
+                (self.ge is not None and out < self.ge)
+                or (self.le is not None and out > self.le)
+                or (self.gt is not None and out <= self.gt)
+                or (self.lt is not None and out >= self.lt)
+            )
+            if bad:
+                raise ParameterError(f"{where} must be in {self.describe_range()}, got {out!r}")
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "default": list(self.default) if isinstance(self.default, tuple) else self.default,
+            "range": self.describe_range(),
+            "per_expert": self.per_expert,
+            "help": self.help,
+        }
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """Which models a method accepts.
+
+    ``base``: ``"required"`` (task-vector methods), ``"optional"`` (used when given), or
+    ``"unused"`` (the kernel always receives ``base=None``; the base folder only supplies
+    config and tokenizer). ``max_experts=None`` means unbounded.
+    """
+
+    base: Literal["required", "optional", "unused"] = "required"
+    min_experts: int = 1
+    max_experts: int | None = None
+    per_expert_weights: bool = True
+
+    def check(self, method: str, has_base: bool, n_experts: int, has_weights: bool = False) -> None:
+        if self.base == "required" and not has_base:
+            raise ParameterError(f"method {method!r} needs a base model (pass --base)")
+        if n_experts < self.min_experts:
+            raise ParameterError(f"method {method!r} needs at least {self.min_experts} experts, got {n_experts}")
+        if self.max_experts is not None and n_experts > self.max_experts:
+            raise ParameterError(f"method {method!r} accepts at most {self.max_experts} experts, got {n_experts}")
+        if has_weights and not self.per_expert_weights:
+            raise ParameterError(f"method {method!r} does not take per-expert weights")
+
+
+Prepass = Callable[[torch.Tensor | None, Sequence[torch.Tensor], Mapping[str, Any], TensorContext], Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method: metadata, parameters, input contract and the kernel.
+
+    Calling the spec calls the kernel (after no validation: validate once per run with
+    :meth:`validate_params`, not once per tensor).
+    """
+
+    name: str
+    kernel: Kernel
+    version: str = "1.0"
+    citation: str = ""
+    summary: str = ""
+    params: tuple[Param, ...] = ()
+    contract: InputContract = field(default_factory=InputContract)
+    granularity: Granularity = "tensor"
+    stochastic: bool = False
+    prepass: Prepass | None = None
+    aux_inputs: tuple[str, ...] = ()
+    properties: frozenset[str] = frozenset()
+    """Math properties the conformance kit may check, beyond the universal ones:
+    ``identity_on_base`` (experts == base -> base), ``idempotent`` (identical experts ->
+    that tensor), ``order_invariant`` (equal weights -> expert order does not matter)."""
+    source: str = ""
+
+    def __call__(self, base, experts, weights, params, ctx):  # noqa: D102 - see Kernel
+        return self.kernel(base, experts, weights, params, ctx)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def validate_params(self, given: Mapping[str, Any] | None = None, n_experts: int | None = None) -> dict[str, Any]:
+        """Merge ``given`` over the defaults, coerce types and check ranges.
+
+        Unknown names are an error that lists the valid ones (typos must not be ignored).
+        """
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.param_names))
+        if unknown:
+            valid = ", ".join(self.param_names) or "(none)"
+            raise ParameterError(f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))}; valid: {valid}")
+        out: dict[str, Any] = {}
+        for p in self.params:
+            value = given.get(p.name, p.default)
+            out[p.name] = p.coerce(value, self.name, n_experts) if value is not None or not p.nullable else None
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description (``mergebench methods --json``)."""
+        c = self.contract
+        return {
+            "name": self.name,
+            "version": self.version,
+            "summary": self.summary,
+            "citation": self.citation,
+            "granularity": self.granularity,
+            "stochastic": self.stochastic,
+            "base": c.base,
+            "min_experts": c.min_experts,
+            "max_experts": c.max_experts,
+            "per_expert_weights": c.per_expert_weights,
+            "aux_inputs": list(self.aux_inputs),
+            "params": [p.as_dict() for p in self.params],
+            "source": self.source,
+        }

@@ -1,0 +1,250 @@
+"""Conformance kit for merge methods, in the spirit of scikit-learn's ``check_estimator``.
+
+    from mergebench.testing import check_method
+    check_method(my_method)            # raises AssertionError naming the failed check
+
+or, to get one pytest item per check::
+
+    @pytest.mark.parametrize("check", method_checks(my_method), ids=lambda c: c.name)
+    def test_conformance(check):
+        check()
+
+Checks run on small random tensors with the method's default parameters (or ``params``).
+Property checks (``identity_on_base``, ``idempotent``, ``order_invariant``) run only for the
+properties the method declares, because e.g. un-normalized task arithmetic is legitimately
+not idempotent. Auxiliary inputs (``aux_inputs``) are not supplied: methods must treat them
+as optional.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .methods.spec import MethodSpec, ModuleKind, TensorContext
+
+__all__ = ["Check", "CheckFailure", "check_method", "method_checks", "run_kernel"]
+
+
+class CheckFailure(AssertionError):
+    pass
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    fn: Callable[[], None]
+
+    def __call__(self) -> None:
+        try:
+            self.fn()
+        except CheckFailure:
+            raise
+        except Exception as exc:  # report crashes as failures of this check
+            raise CheckFailure(f"{self.name}: raised {type(exc).__name__}: {exc}") from exc
+
+
+_CONTEXTS = {
+    "matrix": TensorContext(name="model.layers.1.mlp.down_proj.weight", layer=1, num_layers=4, kind=ModuleKind.MLP),
+    "attention": TensorContext(name="model.layers.2.self_attn.q_proj.weight", layer=2, num_layers=4, kind=ModuleKind.ATTENTION),
+    "vector": TensorContext(name="model.layers.1.input_layernorm.weight", layer=1, num_layers=4, kind=ModuleKind.NORM),
+    "embedding": TensorContext(name="model.embed_tokens.weight", layer=None, num_layers=4, kind=ModuleKind.EMBEDDING),
+}
+_SHAPES = {"matrix": (24, 16), "attention": (16, 16), "vector": (16,), "embedding": (40, 16)}
+
+
+def _n_experts(spec: MethodSpec) -> int:
+    c = spec.contract
+    n = max(c.min_experts, 3)
+    return min(n, c.max_experts) if c.max_experts is not None else n
+
+
+def _seed_for(name: str, seed: int) -> int:
+    return (zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
+
+
+def run_kernel(
+    spec: MethodSpec,
+    base: torch.Tensor | None,
+    experts: Sequence[torch.Tensor],
+    params: Mapping[str, Any],
+    ctx: TensorContext,
+    weights: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Call a kernel as the engine does: base dropped if unused, generator seeded per
+    tensor for stochastic methods, prepass statistics supplied."""
+    if spec.contract.base == "unused":
+        base = None
+    if weights is None:
+        weights = torch.ones(len(experts), dtype=torch.float32)
+    gen = None
+    device = experts[0].device
+    if spec.stochastic:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(_seed_for(ctx.name, seed))
+    stats = {}
+    if spec.prepass is not None:
+        stats = {ctx.name: dict(spec.prepass(base, experts, params, ctx))}
+    ctx = TensorContext(
+        name=ctx.name, layer=ctx.layer, num_layers=ctx.num_layers, kind=ctx.kind, generator=gen,
+        model_stats=stats, aux=ctx.aux,
+    )
+    return spec.kernel(base, list(experts), weights, params, ctx)
+
+
+def _inputs(spec, shape, n, dtype=torch.float32, device="cpu", seed=0, spread=0.1):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    experts = [(base.double() + spread * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype) for _ in range(n)]
+    return base.to(device), [e.to(device) for e in experts]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol=1e-5, rtol=1e-4) -> None:
+    if a.shape != b.shape:
+        raise CheckFailure(f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}")
+    if not torch.allclose(a.double().cpu(), b.double().cpu(), atol=atol, rtol=rtol):
+        err = (a.double().cpu() - b.double().cpu()).abs().max().item()
+        raise CheckFailure(f"{what}: max abs difference {err:.3g}")
+
+
+def _finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise CheckFailure(f"{what}: result has NaN or inf")
+
+
+def method_checks(spec: MethodSpec, params: Mapping[str, Any] | None = None) -> list[Check]:
+    """The list of checks for ``spec`` (each a zero-argument callable raising CheckFailure)."""
+    n = _n_experts(spec)
+    p = spec.validate_params(params, n_experts=n)
+    checks: list[Check] = []
+
+    def add(name):
+        def deco(fn):
+            checks.append(Check(f"{spec.name}:{name}", fn))
+            return fn
+
+        return deco
+
+    @add("metadata")
+    def _():
+        if not spec.name or not spec.name.replace("_", "").isalnum():
+            raise CheckFailure(f"name {spec.name!r} must be a non-empty identifier")
+        if not spec.version:
+            raise CheckFailure("version is empty")
+        if not spec.citation:
+            raise CheckFailure("citation is empty: say which paper or source the method follows")
+        for prm in spec.params:
+            prm.coerce(prm.default, spec.name, n) if prm.default is not None else None
+
+    for key in _CONTEXTS:
+
+        @add(f"shape_dtype[{key}]")
+        def _(key=key):
+            for dtype in (torch.float32, torch.float64):
+                base, experts = _inputs(spec, _SHAPES[key], n, dtype)
+                out = run_kernel(spec, base, experts, p, _CONTEXTS[key])
+                if not isinstance(out, torch.Tensor):
+                    raise CheckFailure(f"kernel returned {type(out).__name__}, not a tensor")
+                if out.shape != experts[0].shape or out.dtype != dtype:
+                    raise CheckFailure(f"{key}/{dtype}: got shape {tuple(out.shape)} dtype {out.dtype}, expected {tuple(experts[0].shape)} {dtype}")
+                _finite(out, f"{key}/{dtype}")
+
+    @add("deterministic")
+    def _():
+        base, experts = _inputs(spec, _SHAPES["matrix"], n)
+        a = run_kernel(spec, base, experts, p, _CONTEXTS["matrix"], seed=7)
+        b = run_kernel(spec, base, experts, p, _CONTEXTS["matrix"], seed=7)
+        if not torch.equal(a, b):
+            raise CheckFailure("two runs with the same seed differ" + (" (use ctx.generator, never the global RNG)" if spec.stochastic else ""))
+        if spec.stochastic:
+            state = torch.get_rng_state()
+            torch.manual_seed(12345)
+            c = run_kernel(spec, base, experts, p, _CONTEXTS["matrix"], seed=7)
+            torch.manual_seed(54321)
+            d = run_kernel(spec, base, experts, p, _CONTEXTS["matrix"], seed=7)
+            torch.set_rng_state(state)
+            if not torch.equal(c, d):
+                raise CheckFailure("result depends on the global RNG; draw from ctx.generator")
+
+    @add("no_input_mutation")
+    def _():
+        base, experts = _inputs(spec, _SHAPES["matrix"], n)
+        copies = [base.clone()] + [e.clone() for e in experts]
+        weights = torch.ones(n)
+        run_kernel(spec, base, experts, p, _CONTEXTS["matrix"], weights=weights)
+        for orig, now in zip(copies, [base, *experts]):
+            if not torch.equal(orig, now):
+                raise CheckFailure("the kernel modified one of its input tensors in place")
+        if not torch.equal(weights, torch.ones(n)):
+            raise CheckFailure("the kernel modified the weights tensor in place")
+
+    @add("zero_tensors_finite")
+    def _():
+        for key in ("matrix", "vector"):
+            z = torch.zeros(_SHAPES[key])
+            _finite(run_kernel(spec, z, [z.clone() for _ in range(n)], p, _CONTEXTS[key]), f"all-zero inputs ({key})")
+
+    @add("zero_deltas_finite")
+    def _():
+        for key in ("matrix", "vector"):
+            base, _e = _inputs(spec, _SHAPES[key], n)
+            out = run_kernel(spec, base, [base.clone() for _ in range(n)], p, _CONTEXTS[key])
+            _finite(out, f"experts equal to the base ({key})")
+
+    if "identity_on_base" in spec.properties:
+
+        @add("identity_on_base")
+        def _():
+            for key in ("matrix", "vector"):
+                base, _e = _inputs(spec, _SHAPES[key], n)
+                out = run_kernel(spec, base, [base.clone() for _ in range(n)], p, _CONTEXTS[key])
+                _close(out, base, f"experts identical to the base ({key}) must give the base")
+
+    if "idempotent" in spec.properties:
+
+        @add("idempotent")
+        def _():
+            for key in ("matrix", "vector"):
+                base, experts = _inputs(spec, _SHAPES[key], n)
+                out = run_kernel(spec, base, [experts[0].clone() for _ in range(n)], p, _CONTEXTS[key])
+                _close(out, experts[0], f"identical experts ({key}) must give that expert")
+
+    if "order_invariant" in spec.properties and n > 1:
+
+        @add("order_invariant")
+        def _():
+            base, experts = _inputs(spec, _SHAPES["matrix"], n)
+            a = run_kernel(spec, base, experts, p, _CONTEXTS["matrix"])
+            b = run_kernel(spec, base, experts[::-1], p, _CONTEXTS["matrix"])
+            _close(a, b, "reversing the expert order (equal weights) changed the result")
+
+    @add("devices")
+    def _():
+        if not torch.cuda.is_available():
+            return
+        base, experts = _inputs(spec, _SHAPES["matrix"], n)
+        cpu = run_kernel(spec, base, experts, p, _CONTEXTS["matrix"])
+        cuda = run_kernel(spec, base.cuda(), [e.cuda() for e in experts], p, _CONTEXTS["matrix"])
+        if cuda.device.type != "cuda":
+            raise CheckFailure(f"CUDA inputs gave a result on {cuda.device}")
+        if not spec.stochastic:
+            _close(cuda.cpu(), cpu, "CUDA and CPU results differ", atol=1e-4, rtol=1e-3)
+
+    return checks
+
+
+def check_method(spec: MethodSpec, params: Mapping[str, Any] | None = None) -> None:
+    """Run every check; raise one AssertionError listing all failures."""
+    failures = []
+    for check in method_checks(spec, params):
+        try:
+            check()
+        except CheckFailure as exc:
+            failures.append(str(exc) if str(exc).startswith(spec.name) else f"{check.name}: {exc}")
+    if failures:
+        raise CheckFailure(f"method {spec.name!r} failed {len(failures)} conformance check(s):\n  " + "\n  ".join(failures))
