@@ -18,14 +18,13 @@ as optional.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .methods.spec import MethodSpec, ModuleKind, TensorContext
+from .methods.spec import MethodSpec, ModuleKind, TensorContext, tensor_seed
 
 __all__ = ["Check", "CheckFailure", "check_method", "method_checks", "run_kernel"]
 
@@ -63,10 +62,6 @@ def _n_experts(spec: MethodSpec) -> int:
     return min(n, c.max_experts) if c.max_experts is not None else n
 
 
-def _seed_for(name: str, seed: int) -> int:
-    return (zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
-
-
 def run_kernel(
     spec: MethodSpec,
     base: torch.Tensor | None,
@@ -86,7 +81,7 @@ def run_kernel(
     device = experts[0].device
     if spec.stochastic:
         gen = torch.Generator(device=device)
-        gen.manual_seed(_seed_for(ctx.name, seed))
+        gen.manual_seed(tensor_seed(ctx.name, seed))
     stats = {}
     if spec.prepass is not None:
         stats = {ctx.name: dict(spec.prepass(base, experts, params, ctx))}

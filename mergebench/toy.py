@@ -45,6 +45,7 @@ def tiny_llama_state(seed: int, config: dict | None = None) -> tuple[dict[str, t
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{**TINY_CONFIG, **(config or {})})
+    cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, cfg

@@ -2,7 +2,7 @@
 
 from .naming import count_layers, layer_index, module_kind
 from .registry import ENTRY_POINT_GROUP, UnknownMethodError, get_method, list_methods, method, register
-from .spec import Granularity, InputContract, Kernel, MethodSpec, ModuleKind, Param, ParameterError, TensorContext
+from .spec import Granularity, InputContract, Kernel, MethodSpec, ModuleKind, Param, ParameterError, TensorContext, tensor_seed
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -22,4 +22,5 @@ __all__ = [
     "method",
     "module_kind",
     "register",
+    "tensor_seed",
 ]

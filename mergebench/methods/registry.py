@@ -9,6 +9,7 @@ with :func:`register` or the :func:`method` decorator.
 from __future__ import annotations
 
 import importlib.metadata as md
+import warnings
 from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
@@ -18,6 +19,7 @@ from .spec import Granularity, InputContract, Kernel, MethodSpec, Param
 ENTRY_POINT_GROUP = "mergebench.methods"
 
 _REGISTRY: dict[str, MethodSpec] = {}
+_BROKEN: dict[str, str] = {}  # entry point name -> why it failed to load
 _ENTRY_POINTS_LOADED = False
 
 
@@ -52,6 +54,7 @@ def method(
     aux_inputs: Iterable[str] = (),
     properties: Iterable[str] = (),
     summary: str | None = None,
+    validate=None,
 ) -> Callable[[Kernel], MethodSpec]:
     """Decorator turning a kernel function into a registered :class:`MethodSpec`.
 
@@ -74,6 +77,7 @@ def method(
             aux_inputs=tuple(aux_inputs),
             properties=frozenset(properties),
             source=kernel.__module__,
+            validate=validate,
         )
         return register(spec)
 
@@ -91,7 +95,12 @@ def _specs_in(obj: Any) -> list[MethodSpec]:
 
 
 def load_entry_points(force: bool = False) -> None:
-    """Import every ``mergebench.methods`` entry point (once per process)."""
+    """Import every ``mergebench.methods`` entry point (once per process).
+
+    A plugin that fails to import is recorded (see :func:`broken_plugins`) and a warning is
+    issued, but it does not hide the other methods; asking for a method that is missing
+    then names the broken plugins in the error.
+    """
     global _ENTRY_POINTS_LOADED
     if _ENTRY_POINTS_LOADED and not force:
         return
@@ -99,13 +108,20 @@ def load_entry_points(force: bool = False) -> None:
     for ep in md.entry_points(group=ENTRY_POINT_GROUP):
         try:
             target = ep.load()
-        except Exception as exc:  # a broken plugin must not hide the others
-            raise ImportError(f"could not load mergebench method plugin {ep.name!r} ({ep.value}): {exc}") from exc
-        specs = _specs_in(target)
-        if isinstance(target, MethodSpec) and target.name != ep.name:
-            raise ValueError(f"entry point {ep.name!r} ({ep.value}) points to method named {target.name!r}")
-        for spec in specs:
-            register(spec)
+            if isinstance(target, MethodSpec) and target.name != ep.name:
+                raise ValueError(f"the entry point is named {ep.name!r} but its method is named {target.name!r}")
+            specs = _specs_in(target)
+            for spec in specs:
+                register(spec)
+        except Exception as exc:
+            _BROKEN[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
+            warnings.warn(f"mergebench method plugin {ep.name!r} could not be loaded ({_BROKEN[ep.name]})", stacklevel=2)
+
+
+def broken_plugins() -> dict[str, str]:
+    """Entry points that failed to load, with the reason."""
+    load_entry_points()
+    return dict(_BROKEN)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -118,8 +134,9 @@ def get_method(name: str) -> MethodSpec:
 
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
+        broken = "".join(f"\n  plugin {k!r} failed to load: {v}" for k, v in _BROKEN.items())
         raise UnknownMethodError(
-            f"unknown merge method {name!r}{hint} (run `mergebench methods` to list them)"
+            f"unknown merge method {name!r}{hint} (run `mergebench methods` to list them){broken}"
         ) from None
 
 

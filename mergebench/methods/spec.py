@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -25,6 +26,7 @@ __all__ = [
     "Param",
     "ParameterError",
     "TensorContext",
+    "tensor_seed",
 ]
 
 
@@ -81,6 +83,13 @@ class TensorContext:
         return self.layer / max(self.num_layers - 1, 1)
 
 
+def tensor_seed(name: str, seed: int) -> int:
+    """Generator seed for one tensor, from the run seed and the tensor *name* (not its
+    position), so stochastic results do not depend on the order tensors are visited. The
+    engine and the conformance kit both use it, so kernels behave identically in both."""
+    return (zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
+
+
 class Kernel(Protocol):
     """A pure merge function. Must not mutate its inputs; returns a new tensor shaped like
     the experts, in the experts' dtype and device."""
@@ -102,6 +111,8 @@ ParamType = Literal["float", "int", "bool", "str", "floats"]
 class Param:
     """One typed hyperparameter with its default and valid range.
 
+    For a ``nullable`` parameter the strings ``"none"``/``"null"`` (e.g. from the CLI) mean
+    None; for other parameters they are ordinary strings (a choice may be ``"none"``).
     ``floats`` is a list of floats (e.g. a per-layer schedule). ``per_expert`` floats may
     also be given as one value per expert (mergekit's per-model ``density``); the kernel
     then always receives a tuple with one value per expert.
@@ -123,6 +134,8 @@ class Param:
         parts = []
         if self.choices:
             return "one of " + ", ".join(self.choices)
+        if self.ge is None and self.le is None and self.gt is None and self.lt is None:
+            return ""
         lo = f"[{self.ge}" if self.ge is not None else (f"({self.gt}" if self.gt is not None else "(-inf")
         hi = f"{self.le}]" if self.le is not None else (f"{self.lt})" if self.lt is not None else "inf)")
         if self.type in ("float", "int", "floats"):
@@ -132,10 +145,12 @@ class Param:
     def coerce(self, value: Any, method: str, n_experts: int | None = None) -> Any:
         """Convert ``value`` (possibly a CLI string) to this parameter's type and check range."""
         where = f"method {method!r}: parameter {self.name!r}"
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if value is None or (self.nullable and isinstance(value, str) and value.lower() in ("none", "null")):
             if self.nullable:
                 return None
             raise ParameterError(f"{where} may not be None")
+        if self.per_expert and isinstance(value, str) and "," in value:
+            value = [v for v in value.strip("[]() ").split(",") if v.strip()]
         if self.per_expert and isinstance(value, (list, tuple)):
             if n_experts is not None and len(value) != n_experts:
                 raise ParameterError(f"{where} has {len(value)} per-expert values for {n_experts} experts")
@@ -254,6 +269,10 @@ class MethodSpec:
     ``identity_on_base`` (experts == base -> base), ``idempotent`` (identical experts ->
     that tensor), ``order_invariant`` (equal weights -> expert order does not matter)."""
     source: str = ""
+    validate: Callable[[dict[str, Any], int | None], dict[str, Any]] | None = None
+    """Optional cross-parameter check run at the end of :meth:`validate_params` (e.g. a
+    wrapper validating the wrapped method's parameters); returns the (possibly completed)
+    parameters or raises :class:`ParameterError`."""
 
     def __call__(self, base, experts, weights, params, ctx):  # noqa: D102 - see Kernel
         return self.kernel(base, experts, weights, params, ctx)
@@ -279,7 +298,7 @@ class MethodSpec:
         for p in self.params:
             value = given.get(p.name, p.default)
             out[p.name] = p.coerce(value, self.name, n_experts) if value is not None or not p.nullable else None
-        return out
+        return self.validate(out, n_experts) if self.validate is not None else out
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (``mergebench methods --json``)."""

@@ -1,0 +1,25 @@
+"""A complete third-party merge method: the element-wise median of task vectors.
+
+The median ignores outlier experts element by element, a robust cousin of task arithmetic.
+"""
+
+import torch
+
+from mergebench.methods import InputContract, Param, method
+
+
+@method(
+    "median",
+    version="0.1.0",
+    citation="Example plugin for mergebench (median of task vectors); see mergebench README.",
+    params=[Param("lambda", "float", 1.0, help="scale of the merged task vector", ge=0.0)],
+    contract=InputContract(base="required", min_experts=1, per_expert_weights=False),
+    granularity="elementwise",
+    properties={"identity_on_base", "idempotent", "order_invariant"},
+)
+def median(base, experts, weights, params, ctx):
+    """Base plus lambda times the element-wise median of the task vectors."""
+    ranked = torch.stack([e - base for e in experts]).sort(dim=0).values  # (N, *shape)
+    n = len(experts)
+    median_delta = (ranked[(n - 1) // 2] + ranked[n // 2]) / 2  # mean of the two middles for even N
+    return base + params["lambda"] * median_delta
