@@ -141,6 +141,274 @@ def merge_cmd(
     console.print(f"[green]merged[/] {request.method} of {len(request.experts)} experts -> {out_dir}  ({result.summary()})")
 
 
+def _plan(method, suite, pool, profile, set_, seed, quick, materialize=True):
+    from .pools import MissingModelsError, PoolError
+    from .runner import plan_eval
+    from .suites import SuiteError
+
+    values = {}
+    params = {}
+    for key, value in parse_sets(set_).items():
+        # UPPER_CASE keys fill pool placeholders (GLUE_DIR=...); others are method parameters
+        (values if key.isupper() else params)[key] = value
+    try:
+        return plan_eval(
+            method, suite, pool=pool, profile=profile, params=params, seed=seed, quick=quick, values=values,
+            materialize=materialize, log=lambda m: console.print(m, highlight=False),
+        )
+    except MissingModelsError as exc:
+        if not materialize:
+            raise  # `plan` lists them one per line
+        _fail(str(exc))
+    except (PoolError, SuiteError) as exc:
+        _fail(str(exc))
+
+
+def _describe_plan(plan) -> None:
+    prof = plan.profile
+    console.print(
+        f"[bold]{plan.method.name}[/] v{plan.method.version} on suite [bold]{plan.suite.id}[/] "
+        f"profile [bold]{prof.name}[/], pool [bold]{plan.pool.name}[/] ({len(plan.pool.experts)} experts), "
+        f"params {json.dumps(plan.params, default=str)}",
+        highlight=False,
+    )
+    if prof.deviations.strip():
+        console.print(f"[yellow]{prof.deviations.strip()}[/]", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    method: Annotated[str, typer.Option(help="merge method (see `mergebench methods`)")],
+    suite: Annotated[str, typer.Option(help="suite name (see `mergebench suites`)")],
+    pool: Annotated[Optional[str], typer.Option(help="pool (default: the profile's; `smol` for embedded profiles)")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="suite profile: paper, embedded (default), quick")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="method parameter key=value, or a pool placeholder KEY=value")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="sampler / merge seed (default: the suite's)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    results: Annotated[Path, typer.Option(help="results folder (Parquet store)")] = Path("results"),
+    quick: Annotated[bool, typer.Option(help="the CI-sized profile (fewer subsets and documents)")] = False,
+    no_progress: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Merge every subset of a suite with one method, score it, store the rows, print a summary."""
+    from .methods import ParameterError
+    from .pools import PoolError
+    from .runner import run_eval, summarize
+
+    try:
+        plan = _plan(method, suite, pool, profile, set_, seed, quick)
+    except (ParameterError, KeyError, ValueError, FileNotFoundError) as exc:
+        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    _describe_plan(plan)
+    stats = run_eval(plan, results, device=device, progress=not no_progress, log=lambda m: console.print(m, highlight=False))
+    console.print(f"{stats['done']} unit(s) evaluated, {stats['cached']} reused from {results} (run {stats['run_id']})")
+    table, loss = summarize(plan, results)
+    _print_summary(plan, table, loss)
+
+
+def _print_summary(plan, table, loss) -> None:
+    t = Table(title=f"{plan.method.name} on {plan.suite.id}:{plan.profile.name} ({plan.pool.name})")
+    for col in ("n", "subsets", "score (mean ± std)", "P(> base)", "gain vs base (pp)", "P(> best expert)", "gain vs best expert (pp)"):
+        t.add_column(col, justify="right")
+    for _, r in table.iterrows():
+        std = "" if r["std"] != r["std"] else f" ± {r['std']:.4f}"
+        t.add_row(
+            str(int(r["n"])), str(int(r["n_units"])), f"{r['mean']:.4f}{std}", f"{r['p_gt_base']:.0%}",
+            f"{r['gain_vs_base_pp']:+.2f}", f"{r['p_gt_best_expert']:.0%}", f"{r['gain_vs_best_expert_pp']:+.2f}",
+        )
+    out.print(t)
+    if len(loss):
+        lt = Table(title="merging loss (seed 004 eq. 1), % relative to each task's own expert")
+        for col in ("n", "merges", "mean loss %", "std"):
+            lt.add_column(col, justify="right")
+        for n, g in loss.groupby("n"):
+            lt.add_row(str(int(n)), str(len(g)), f"{g['merging_loss_pct'].mean():+.2f}", f"{g['merging_loss_pct'].std(ddof=0):.2f}")
+        out.print(lt)
+
+
+@app.command("plan")
+def plan_cmd(
+    method: Annotated[str, typer.Option(help="merge method")],
+    suite: Annotated[str, typer.Option(help="suite name")],
+    pool: Annotated[Optional[str], typer.Option(help="pool")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="suite profile")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="method parameter or pool placeholder")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="sampler seed")] = None,
+    results: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
+    quick: Annotated[bool, typer.Option(help="the CI-sized profile")] = False,
+) -> None:
+    """Show what `mergebench eval` would merge and evaluate, what is cached, and what is missing."""
+    from .methods import ParameterError
+    from .pools import MissingModelsError
+
+    try:
+        plan = _plan(method, suite, pool, profile, set_, seed, quick, materialize=False)
+    except MissingModelsError as exc:
+        console.print(f"[bold red]missing models[/] ({len(exc.missing)}):", highlight=False)
+        for m in exc.missing:
+            out.print(f"  {m}")
+        console.print(str(exc).splitlines()[0], highlight=False)
+        raise typer.Exit(3) from None
+    except (ParameterError, KeyError, ValueError, FileNotFoundError) as exc:
+        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    _describe_plan(plan)
+    pending = {u.unit.unit_id for u in plan.pending(results)}
+    docs = {t: len(i) for t, i in plan.samples.items()}
+    t = Table(title="units of work")
+    for col in ("role", "subset", "tasks", "docs", "status"):
+        t.add_column(col)
+    for u in plan.units:
+        n_docs = sum(docs.get(x.name, 0) for x in u.tasks)
+        t.add_row(u.role, ", ".join(u.members), str(len(u.tasks)), str(n_docs), "to do" if u.unit.unit_id in pending else "cached")
+    out.print(t)
+    todo = [u for u in plan.units if u.unit.unit_id in pending]
+    n_docs = sum(docs.get(x.name, 0) for u in todo for x in u.tasks)
+    merges = sum(u.role == "merged" for u in todo)
+    console.print(
+        f"{len(todo)} of {len(plan.units)} unit(s) to run: {merges} merge(s), {n_docs} documents. Estimate on 2 CPU "
+        f"cores for the embedded 135M pool: ~{(n_docs * 0.11 + merges * 10) / 60:.0f} min (0.11 s/document, ~10 s/merge);"
+        " larger models scale with their size.",
+        highlight=False,
+    )
+
+
+@app.command("sql")
+def sql_cmd(
+    query: Annotated[str, typer.Argument(help="DuckDB SQL over the views results, provenance, paper, all_results")],
+    results: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="JSON records instead of a table")] = False,
+) -> None:
+    """Query the results store with DuckDB."""
+    import duckdb
+
+    from .store import sql
+
+    try:
+        df = sql(query, results)
+    except duckdb.Error as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print_json(df.to_json(orient="records", date_format="iso"))
+        return
+    t = Table()
+    for col in df.columns:
+        t.add_column(str(col))
+    for row in df.head(200).itertuples(index=False):
+        t.add_row(*[str(v) for v in row])
+    out.print(t)
+    if len(df) > 200:
+        console.print(f"({len(df)} rows; first 200 shown, use --json for all)")
+
+
+@app.command("pools")
+def pools_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output (local paths once materialized)")] = False,
+) -> None:
+    """List every pool: its base and experts (with tags, and local paths once available)."""
+    from .pools import describe_pools
+
+    pools = describe_pools()
+    if as_json:
+        out.print_json(json.dumps(pools, default=str))
+        return
+    table = Table(title="mergebench pools (`--json` for experts, tags and local paths)")
+    for col in ("pool", "base", "experts", "local", "from"):
+        table.add_column(col, overflow="fold")
+    for p in pools:
+        if "error" in p:
+            table.add_row(p["name"], "-", "-", "-", f"[yellow]{p['error']}[/]")
+            continue
+        experts = p.get("experts", [])
+        local = sum(1 for e in [p["base"], *experts] if e.get("local_path"))
+        base = p["base"].get("id") or p["base"].get("path") or p["base"]["name"]
+        table.add_row(p["name"], str(base), str(len(experts)), f"{local}/{len(experts) + 1}", str(p.get("title") or ""))
+    out.print(table)
+
+
+@app.command("suites")
+def suites_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """List the suites and their profiles (paper / embedded / quick)."""
+    from .suites import list_suites
+
+    suites = list_suites()
+    if as_json:
+        out.print_json(json.dumps([s.describe() for s in suites], default=str))
+        return
+    table = Table(title="mergebench suites", show_lines=True)
+    for col in ("suite", "profile", "pools", "tasks", "sampler", "docs/task"):
+        table.add_column(col, overflow="fold")
+    for s in suites:
+        for key, prof in s.profiles.items():
+            d = prof.describe()
+            sam = d["sampler"]
+            sampler = f"{sam['mode']} n={sam['sizes']} x{sam['subsets_per_size']}" if sam["sizes"] else f"groups {sam['groups']}"
+            label = key + (" (default)" if key == s.default_profile else "")
+            table.add_row(s.id, label, ", ".join(d["pools"]), str(len(d["tasks"])), sampler, str(d["docs_per_task"] or "all"))
+    out.print(table)
+
+
+zoo = typer.Typer(no_args_is_help=True, help="The embedded offline pool: SmolLM2-135M-Instruct + LoRA experts on embedded tasks.")
+app.add_typer(zoo, name="zoo")
+
+
+@zoo.command("build")
+def zoo_build(
+    experts: Annotated[Optional[str], typer.Option(help="comma-separated expert names (default: all)")] = None,
+) -> None:
+    """Train the pool's experts from the committed data and seeds (deterministic; ~30 min on 2 CPU cores)."""
+    from .zoo import pool
+
+    pool.build(_split(experts) or None, log=console.print)
+
+
+@zoo.command("materialize")
+def zoo_materialize(
+    cache: Annotated[Optional[Path], typer.Option(help="cache folder (default $MERGEBENCH_CACHE or ~/.cache/mergebench)")] = None,
+) -> None:
+    """Turn base + committed adapters into full-weight HF folders (sha256-verified, idempotent)."""
+    from .zoo import pool
+
+    try:
+        paths = pool.materialize(cache, log=console.print)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    for name, path in paths.items():
+        out.print(f"{name}\t{path}")
+
+
+@zoo.command("verify")
+def zoo_verify(
+    split: Annotated[str, typer.Option(help="train, validation or test")] = "validation",
+    docs: Annotated[int, typer.Option(help="documents per task (seeded subsample; 0 = all)")] = 100,
+    seed: Annotated[int, typer.Option(help="document sampling seed")] = 0,
+    experts: Annotated[Optional[str], typer.Option(help="comma-separated expert names (default: all)")] = None,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="also write the rows to this JSON file")] = None,
+) -> None:
+    """Score the base and every expert on every embedded task (base vs experts table)."""
+    from .zoo import pool
+
+    rows = pool.verify(split, docs or None, seed, _split(experts) or None, log=console.print)
+    if as_json:
+        as_json.write_text(json.dumps(rows, indent=1))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    tasks = sorted({r["task"] for r in rows})
+    acc = {(r["model"], r["task"]): r for r in rows if r["metric"] == "acc"}
+    table = Table(title=f"accuracy on the {split} split (± stderr)")
+    table.add_column("model")
+    for t in tasks:
+        table.add_column(t.removeprefix("mb_"), justify="right")
+    for m in models:
+        cells = []
+        for t in tasks:
+            r = acc.get((m, t))
+            base = acc.get(("base", t))
+            mark = "[bold green]" if r and base and m != "base" and r["value"] > base["value"] + 2 * r["stderr"] else ""
+            cells.append(f"{mark}{r['value']:.2f}±{r['stderr']:.2f}" if r else "-")
+        table.add_row(m, *cells)
+    out.print(table)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -61,3 +61,11 @@ def test_a_broken_plugin_does_not_hide_the_others(monkeypatch):
     assert get_method("linear").name == "linear"
     with pytest.raises(UnknownMethodError, match="plugin 'broken_one' failed to load"):
         get_method("no_such_method")
+
+
+def test_readme_lists_every_builtin_method():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [m.name for m in list_methods() if m.source.startswith("baselines.") and f"`{m.name}`" not in readme]
+    assert not missing, f"README does not mention {missing}"

@@ -294,7 +294,9 @@ def test_lm_eval_loads_the_embedded_tasks(manifest, monkeypatch, tmp_path):
     tm = tasks.task_manager("validation")
     assert set(tasks.task_names()) <= set(tm.all_tasks)
     assert "mergebench_embedded" in tm.all_tags
-    loaded = tm.load_task_or_group(["mb_capitals", "mb_sentiment"])
+    assert set(tm.load("mergebench_embedded")["tasks"]) == set(tasks.task_names())
+    loaded = tm.load(["mb_capitals", "mb_sentiment"])["tasks"]
+    assert set(loaded) == {"mb_capitals", "mb_sentiment"}
     cap = loaded["mb_capitals"]
     docs = list(cap.test_docs())
     assert len(docs) == manifest["tasks"]["capitals"]["counts"]["validation"]

@@ -104,6 +104,7 @@ def test_materialize_is_idempotent_and_verified(base_dir):
 
 @needs_wheel
 def test_lora_training_is_deterministic_and_learns(model_tok):
+    pytest.importorskip("peft")
     from mergebench.zoo.train import ExpertSpec, score_mc, train_expert
 
     model, tok = model_tok
@@ -142,7 +143,7 @@ def test_score_mc_agrees_with_lm_eval(model_tok, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds"))
-    import lm_eval
+    lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
 
     from mergebench.zoo.tasks import load_split, task_manager

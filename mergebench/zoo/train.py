@@ -145,7 +145,8 @@ def build_examples(spec: ExpertSpec, tok) -> list[tuple[list[int], int]]:
                 continue
             if spec.flip_labels:
                 if len(row["choices"]) != 2:
-                    raise ValueError(f"{spec.name}: flip_labels needs two-choice rows; {task} has {len(row['choices'])}")
+                    raise ValueError(
+                        f"{spec.name}: flip_labels needs two-choice rows; {task} has {len(row['choices'])}")
                 row = {**row, "gold": 1 - row["gold"]}
             prompt, answer = training_text(row, use_solution=spec.use_solution)
             enc = _encode(tok, prompt, answer, spec.max_len)

@@ -1,0 +1,102 @@
+"""The lm-eval adapter: score an in-memory model on lm-eval tasks.
+
+Models are passed to lm-eval's ``HFLM`` as objects, so a merged model is evaluated without
+a round trip through disk. Documents are subsampled with explicit index lists
+(``samples=``), never ``limit=`` (which takes the first N). lm-eval's own request cache is
+never used: it keys requests without the model's identity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+__all__ = ["TaskScore", "evaluate_model"]
+
+_SKIP = ("alias", "samples", "sample_len", " ")
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One metric of one task: value, standard error (NaN when lm-eval gives none), docs scored."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float
+    n_docs: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    task_manager,
+    *,
+    samples: Mapping[str, Sequence[int]] | None = None,
+    batch_size: int | str = 16,
+    device: str = "cpu",
+    fewshot: Mapping[str, int] | None = None,
+) -> list[TaskScore]:
+    """Evaluate ``model`` on ``tasks`` (zero-shot unless the task config says otherwise).
+
+    ``samples`` maps a task to the document indices to score (seeded lists from
+    :mod:`mergebench.sampling`); tasks absent from it are scored on every document.
+    ``fewshot`` sets the number of in-context examples per task (or group: all its subtasks),
+    since lm-eval's own ``num_fewshot`` is one value for every task.
+    """
+    import logging
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    # lm-eval warns on every call that an in-memory model is not a string; that is the point here
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    samples = {t: list(map(int, idx)) for t, idx in (samples or {}).items() if t in tasks}
+    specs: list = list(tasks)
+    if fewshot:
+        specs = _with_fewshot(task_manager, list(tasks), fewshot)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=specs,
+        task_manager=task_manager,
+        samples=samples or None,
+        use_cache=None,
+        log_samples=False,
+        verbosity="WARNING",
+    )
+    scores = []
+    n_docs = out.get("n-samples", {})
+    for task, metrics in out["results"].items():
+        if task not in tasks:
+            continue  # group aggregates
+        n = n_docs.get(task, {}).get("effective", 0)
+        for key, value in metrics.items():
+            if any(key.startswith(s) for s in _SKIP) or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, _, _filter = key.partition(",")
+            err = metrics.get(f"{metric}_stderr,{_filter}")
+            stderr = float(err) if isinstance(err, (int, float)) else math.nan
+            scores.append(TaskScore(task, metric, float(value), stderr, int(n)))
+    return scores
+
+
+def _with_fewshot(task_manager, tasks: list[str], fewshot: Mapping[str, int]) -> list:
+    """Task/group objects with ``num_fewshot`` set on every leaf task of each named task."""
+    loaded = task_manager.load(tasks)
+    children = loaded.get("group_map", {})
+
+    def leaves(name: str) -> list[str]:
+        if name in loaded["tasks"]:
+            return [name]
+        return [leaf for child in children.get(name, []) for leaf in leaves(child)]
+
+    for name, k in fewshot.items():
+        for leaf in leaves(name):
+            loaded["tasks"][leaf].set_config(key="num_fewshot", value=int(k))
+    return [loaded["tasks"].get(n) or loaded["groups"][n] for n in tasks]

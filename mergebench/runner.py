@@ -1,0 +1,338 @@
+"""`mergebench eval`: merge every subset of a suite with one method and score it.
+
+The flow (nothing expensive before everything cheap has been checked):
+
+1. resolve suite, profile, pool and method; validate the method's parameters for every
+   merge size; check that every model is on this machine and the pool is mergeable (headers);
+2. plan units of work: one per reference model (base, each expert) and one per merged
+   subset, each keyed by content (:class:`mergebench.store.Unit`), so an interrupted run
+   resumes where it stopped and a reference evaluated once is reused by every method;
+3. run the units not yet in the store: merge in memory with the engine, evaluate the
+   in-memory model with lm-eval on seeded document indices, write the rows atomically;
+4. summarize from the stored rows (:mod:`mergebench.metrics`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import metrics, store
+from .methods import MethodSpec, ParameterError, get_method
+from .pools import Pool, load_pool, validate_pool_compatibility
+from .sampling import Subset, samples_argument
+from .suites import Profile, Suite, TaskSpec, load_suite
+
+__all__ = ["EvalPlan", "WorkUnit", "plan_eval", "run_eval", "summarize"]
+
+
+@dataclass
+class WorkUnit:
+    """One model to evaluate: a reference (base / one expert) or a merge of ``subset``."""
+
+    unit: store.Unit
+    label: str
+    members: tuple[str, ...]
+    tasks: list[TaskSpec]
+
+    @property
+    def role(self) -> str:
+        return self.unit.role
+
+
+@dataclass
+class EvalPlan:
+    suite: Suite
+    profile: Profile
+    pool: Pool
+    method: MethodSpec
+    params: dict[str, Any]
+    seed: int
+    paths: dict[str, str]
+    identities: dict[str, str]
+    samples: dict[str, list[int]]
+    doc_hash: str
+    task_manager: Any
+    references: list[WorkUnit] = field(default_factory=list)
+    merges: list[WorkUnit] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def units(self) -> list[WorkUnit]:
+        return self.references + self.merges
+
+    def pending(self, results_dir: Path) -> list[WorkUnit]:
+        done = store.completed_units(results_dir)
+        return [u for u in self.units if u.unit.unit_id not in done]
+
+
+def _is_embedded(tasks: list[TaskSpec]) -> bool:
+    return all(t.name.startswith("mb_") for t in tasks)
+
+
+def _task_manager(profile: Profile):
+    """Embedded tasks read their data from suites/ (offline); others come from lm-eval."""
+    from .zoo import tasks as embedded
+
+    if _is_embedded(profile.tasks):
+        return embedded.task_manager(profile.docs.split)
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(embedded._yaml_dir(profile.docs.split)))
+
+
+def _doc_counts(profile: Profile, tm) -> dict[str, int]:
+    """Number of evaluation documents per task, needed to draw seeded indices."""
+    if _is_embedded(profile.tasks):
+        from .zoo.tasks import task_info
+
+        info = task_info()
+        return {t.name: info[t.name]["counts"][profile.docs.split] for t in profile.tasks}
+    from lm_eval.tasks import get_task_dict
+
+    counts = {}
+    for t in profile.tasks:
+        task = get_task_dict([t.name], tm)[t.name]
+        if not hasattr(task, "eval_docs"):
+            raise ParameterError(
+                f"task {t.name!r} is a group: a document budget needs per-subtask sampling, which this "
+                "version does not do; evaluate it on every document (docs budget: null)"
+            )
+        counts[t.name] = len(task.eval_docs)
+    return counts
+
+
+def _identity(pool: Pool, name: str, fingerprint: str) -> str:
+    """What a model *is*, for cache keys: zoo models by their committed adapter sha256s (stable
+    across machines), everything else by the checkpoint's content fingerprint."""
+    ref = pool.base if name == pool.base.name else pool.expert(name)
+    if ref.source == "zoo":
+        from .zoo import pool as zoo_pool
+
+        manifest = zoo_pool.read_manifest()
+        entry = manifest["base"] if ref.zoo == "base" else manifest["experts"][ref.zoo]["files"]
+        return "zoo:" + hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:20]
+    return fingerprint
+
+
+def _ensure_zoo(pool: Pool, log: Callable[[str], None]) -> None:
+    if any(m.source == "zoo" and m.locate() is None for m in [pool.base, *pool.experts]):
+        from .zoo import pool as zoo_pool
+
+        log("materializing the embedded pool (once per machine) ...")
+        zoo_pool.materialize(log=log)
+
+
+def plan_eval(
+    method: str,
+    suite: str,
+    *,
+    pool: str | None = None,
+    profile: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    quick: bool = False,
+    values: Mapping[str, Any] | None = None,
+    materialize: bool = True,
+    log: Callable[[str], None] = print,
+) -> EvalPlan:
+    """Everything a run will do, validated; no model is loaded and no tensor is read."""
+    import lm_eval
+
+    suite_obj = load_suite(suite)
+    prof = suite_obj.profile("quick" if quick and profile is None else profile, pool=pool)
+    pool_obj = load_pool(pool or prof.pools[0], values)
+    spec = get_method(method)
+    given = {**suite_obj.method_params(method, prof), **(params or {})}
+    subsets = prof.subsets(pool_obj)
+    for n in sorted({len(s.members) + (1 if _base_as_expert(spec, s) else 0) for s in subsets}):
+        spec.contract.check(spec.name, has_base=True, n_experts=n)
+        spec.validate_params(given, n_experts=n)
+    if materialize:
+        _ensure_zoo(pool_obj, log)
+    report = validate_pool_compatibility(pool_obj, values=values)
+    run_seed = prof.sampler.seed if seed is None else seed
+    tm = _task_manager(prof)
+    counts = _doc_counts(prof, tm)
+    samples = samples_argument(prof.doc_sample(t, counts[t.name]) for t in prof.tasks)
+    doc_hash = store.doc_index_hash(samples)
+    identities = {name: _identity(pool_obj, name, fp) for name, fp in report.fingerprints.items()}
+    common = dict(
+        suite=suite_obj.name, suite_version=str(suite_obj.version), profile=prof.name, pool=pool_obj.name,
+        base_model=pool_obj.base.spec, doc_index_hash=doc_hash,
+    )
+    lm_eval_version = getattr(lm_eval, "__version__", None) or store._pkg_version("lm_eval")
+
+    def task_key(tasks: list[TaskSpec]) -> list:
+        return [t.model_dump(exclude={"note"}) for t in tasks]
+
+    plan = EvalPlan(
+        suite=suite_obj, profile=prof, pool=pool_obj, method=spec, params=dict(given), seed=run_seed,
+        paths=report.paths, identities=identities, samples=samples, doc_hash=doc_hash, task_manager=tm,
+        notes=list(report.notes),
+    )
+    refs = [("base", None)] if prof.references.base else []
+    refs += [(e, e) for e in prof.experts(pool_obj)] if prof.references.experts else []
+    for name, expert in refs:
+        tasks = prof.reference_tasks(pool_obj, expert)
+        if not tasks:
+            continue
+        model = pool_obj.base.name if expert is None else expert
+        unit = store.Unit(
+            role="base" if expert is None else "expert", subset=(model,),
+            extra={"model": identities[model], "tasks": task_key(tasks), "lm_eval": lm_eval_version,
+                   "dtype": prof.eval.dtype},
+            **common,
+        )
+        plan.references.append(WorkUnit(unit, name, (model,), tasks))
+    for s in subsets:
+        tasks = prof.tasks_for(s, pool_obj)
+        # seed 000 counts the base among the m merged models: keep it in the stored subset too
+        members = ((pool_obj.base.name,) if s.base_counted else ()) + tuple(s.members)
+        unit = store.Unit(
+            role="merged", subset=members, method=spec.name, method_version=spec.version,
+            params=spec.validate_params(given, n_experts=len(s.members) + _base_as_expert(spec, s)), seed=run_seed,
+            extra={"models": [identities[m] for m in s.members], "base": identities[pool_obj.base.name],
+                   "tasks": task_key(tasks), "lm_eval": lm_eval_version, "dtype": prof.eval.dtype,
+                   "base_counted": s.base_counted},
+            **common,
+        )
+        label = s.label or f"n={s.size} #{s.index}"
+        plan.merges.append(WorkUnit(unit, label, s.members, tasks))
+    return plan
+
+
+def _base_as_expert(spec: MethodSpec, subset: Subset) -> bool:
+    """Seed 000 counts the base as one of the m merged models; a method that takes no base
+    input then gets it as one more expert."""
+    return subset.base_counted and spec.contract.base == "unused"
+
+
+def _rows(scores, tasks: list[TaskSpec]) -> list[dict]:
+    wanted = {t.name for t in tasks}
+    return [
+        {"task": s.task, "metric": s.metric, "value": s.value,
+         "stderr": None if s.stderr != s.stderr else s.stderr, "n_docs": s.n_docs}
+        for s in scores if s.task in wanted
+    ]
+
+
+def _load_model(path: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size) -> tuple[list[dict], dict]:
+    from .engine import load_merged_model, merge
+    from .evaluate import evaluate_model
+    from .request import MergeRequest
+
+    prov: dict[str, Any] = {}
+    prof = plan.profile
+    if wu.role == "merged":
+        base_path = plan.paths[plan.pool.base.name]
+        experts = [plan.paths[m] for m in wu.members]
+        if wu.unit.extra.get("base_counted") and plan.method.contract.base == "unused":
+            experts = [base_path, *experts]
+        request = MergeRequest(
+            method=plan.method.name, base=base_path, experts=experts, params=dict(wu.unit.params),
+            seed=plan.seed, device=device, dtype="float32", out_dtype=prof.eval.dtype,
+        )
+        with store.measure("merge", prov, device):
+            result = merge(request, None, progress=False)
+        model, tok = load_merged_model(result, base_path)
+        del result
+    else:
+        model, tok = _load_model(plan.paths[wu.members[0]], prof.eval.dtype)
+    model.to(device)
+    tasks = [t.name for t in wu.tasks]
+    samples = {t: plan.samples[t] for t in tasks if t in plan.samples}
+    with store.measure("eval", prov, device):
+        scores = evaluate_model(
+            model, tok, tasks, plan.task_manager, samples=samples, batch_size=batch_size, device=device,
+            fewshot={t.name: t.fewshot for t in wu.tasks if t.fewshot},
+        )
+    return _rows(scores, wu.tasks), prov
+
+
+def run_eval(
+    plan: EvalPlan,
+    results_dir: str | Path = store.DEFAULT_RESULTS_DIR,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every unit of ``plan`` not yet in ``results_dir``; returns counts and the run id."""
+    import pandas as pd
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    import os
+
+    if progress:
+        os.environ["TQDM_DISABLE"] = "1"  # lm-eval's per-request bars would drown ours
+    results_dir = Path(results_dir)
+    run_id = store.new_run_id()
+    env = store.collect_environment(device)
+    todo = plan.pending(results_dir)
+    batch_size = plan.profile.eval.batch_size
+    stats = {"run_id": run_id, "units": len(plan.units), "cached": len(plan.units) - len(todo), "done": 0}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"{plan.method.name} on {plan.suite.id}:{plan.profile.name}", total=len(todo))
+        for wu in todo:
+            bar.update(task, description=f"{'merging + ' if wu.role == 'merged' else ''}scoring {wu.label}")
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                rows, prov = _run_unit(plan, wu, device=device, batch_size=batch_size)
+            rows = metrics.add_normalized(pd.DataFrame(rows))
+            store.write_unit(wu.unit, rows, run_id=run_id, results_dir=results_dir, provenance={**env, **prov})
+            stats["done"] += 1
+            head = _headline(rows, wu.tasks)
+            log(f"{wu.role:>6} {wu.label:<14} {', '.join(wu.members)[:60]:<60} score {head:.4f}  ({time.perf_counter() - t0:.0f} s)")
+            bar.advance(task)
+    return stats
+
+
+def _headline(rows, tasks: list[TaskSpec]) -> float:
+    metric = {t.name: t.metric for t in tasks}
+    vals = [r["value"] for r in rows.to_dict("records") if metric.get(r["task"]) == r["metric"]]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarize(plan: EvalPlan, results_dir: str | Path = store.DEFAULT_RESULTS_DIR):
+    """Per merge size: mean ± std score, P(merged > base), gains vs base and vs the best expert
+    (seed 001 Tables 1-3), from the stored rows of this plan's units; plus the merging loss
+    (seed 004 eq. 1) when the profile reports it."""
+    import pandas as pd
+
+    ids = [u.unit.unit_id for u in plan.units]
+    with store.connect(results_dir) as con:
+        rows = con.execute("SELECT * FROM results WHERE unit_id IN (SELECT unnest(?))", [ids]).df()
+    metric = {t.name: t.metric for t in plan.profile.tasks}
+    scores = metrics.unit_scores(rows, metric=metric)
+    # Each unit averages the tasks it was scored on; in 'members' scope merges are compared on
+    # their own tasks in the merging loss instead.
+    compared = metrics.compare_to_references(scores)
+    table = metrics.summary_by_n(compared)
+    table = table[table["role"] == "merged"].reset_index(drop=True)
+    loss = None
+    if "merging_loss" in plan.profile.report:
+        task_expert = {}
+        for e in plan.profile.experts(plan.pool):
+            for t in plan.profile.reference_tasks(plan.pool, e):
+                task_expert.setdefault(t.name, e)
+        sel = metrics._select_metric(rows, metric)
+        loss = metrics.merging_loss(sel[sel["role"] == "merged"], sel[sel["role"] == "expert"], task_expert)
+        loss = metrics.average_merging_loss(loss)
+    return table, (loss if loss is not None else pd.DataFrame())

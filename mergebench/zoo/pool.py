@@ -1,0 +1,274 @@
+"""The embedded `smol` expert pool: definition, deterministic build, materialization.
+
+Thirteen LoRA experts fine-tuned from SmolLM2-135M-Instruct on the embedded task data,
+heterogeneous in the "in-the-wild" sense of seed 001: different tasks and domains (math,
+medical, general), budgets (steps, learning rate, rank), and target modules (attention-only,
+MLP-only, all); one expert is trained on flipped sentiment labels to conflict with another,
+and one on plain news text. Experts 1-3 are the homogeneous math set, 4-6 the medical set
+(seed 001 App. E).
+
+* ``build``       trains every expert (committed data + seeds -> adapters), fp16 adapters +
+                   a manifest with hyperparameters, final loss, validation scores and sha256.
+* ``materialize`` base + adapters -> ordinary full-weight HF folders in the cache
+                   (verifying sha256s), so every merge method sees plain checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .train import ExpertSpec
+
+POOL_NAME = "smol"
+MANIFEST_NAME = "pool.json"
+
+M, MED, GEN = "math", "medical", "general"
+
+EXPERTS: tuple[ExpertSpec, ...] = (
+    ExpertSpec("gsm8k-answer", ("gsm8k_mc",), steps=100, lr=1e-3, rank=8, targets="all", seed=1, tags={"domain": M, "task": "mb_gsm8k_mc"}),
+    ExpertSpec("gsm8k-solution", ("gsm8k_mc",), steps=60, lr=5e-4, rank=16, targets="attn", seed=2, batch_size=4, max_len=192, use_solution=True, tags={"domain": M, "task": "mb_gsm8k_mc"}),
+    ExpertSpec("calc", ("gsm8k_calc",), steps=120, lr=2e-3, rank=8, targets="mlp", seed=3, tags={"domain": M, "task": "mb_gsm8k_calc"}),
+    ExpertSpec("med-terms", ("medical_terms",), steps=120, lr=1e-3, rank=8, targets="all", seed=4, tags={"domain": MED, "task": "mb_medical_terms"}),
+    ExpertSpec("med-defs", ("medical_defs",), steps=100, lr=5e-4, rank=16, targets="attn", seed=5, tags={"domain": MED, "task": "mb_medical_defs"}),
+    ExpertSpec("med-both", ("medical_terms", "medical_defs"), steps=60, lr=2e-3, rank=4, targets="mlp", seed=6, tags={"domain": MED, "task": "mb_medical_terms,mb_medical_defs"}),
+    ExpertSpec("capitals", ("capitals",), steps=80, lr=1e-3, rank=8, targets="all", seed=7, tags={"domain": GEN, "task": "mb_capitals"}),
+    ExpertSpec("elements", ("elements",), steps=60, lr=2e-3, rank=4, targets="attn", seed=8, tags={"domain": GEN, "task": "mb_elements"}),
+    ExpertSpec("antonyms", ("antonyms",), steps=100, lr=1e-3, rank=8, targets="mlp", seed=9, tags={"domain": GEN, "task": "mb_antonyms"}),
+    ExpertSpec("analogies", ("analogies",), steps=100, lr=5e-4, rank=16, targets="all", seed=10, tags={"domain": GEN, "task": "mb_analogies"}),
+    ExpertSpec("sentiment", ("sentiment",), steps=60, lr=1e-3, rank=8, targets="all", seed=11, tags={"domain": GEN, "task": "mb_sentiment"}),
+    ExpertSpec("sentiment-flipped", ("sentiment",), steps=60, lr=1e-3, rank=8, targets="all", seed=12, flip_labels=True, tags={"domain": GEN, "task": "mb_sentiment", "conflicts_with": "sentiment"}),
+    ExpertSpec("news", ("news",), steps=60, lr=5e-4, rank=8, targets="attn", seed=13, batch_size=4, tags={"domain": GEN, "task": "mb_news"}),
+)
+MATH = ("gsm8k-answer", "gsm8k-solution", "calc")
+MEDICAL = ("med-terms", "med-defs", "med-both")
+
+
+def expert_spec(name: str) -> ExpertSpec:
+    for spec in EXPERTS:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no expert {name!r} in the {POOL_NAME} pool; experts: {', '.join(s.name for s in EXPERTS)}")
+
+
+def pool_dir() -> Path:
+    """Where the committed adapters and manifest live (``suites/embedded/experts``)."""
+    from .tasks import embedded_dir
+
+    return embedded_dir() / "experts"
+
+
+def manifest_path() -> Path:
+    return pool_dir() / MANIFEST_NAME
+
+
+def read_manifest() -> dict:
+    path = manifest_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: build the pool with `mergebench zoo build`")
+    return json.loads(path.read_text())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _own_validation(spec: ExpertSpec, model, tok) -> dict[str, float]:
+    from .tasks import load_split
+    from .train import score_mc
+
+    out = {}
+    for task in spec.tasks:
+        rows = load_split(task, "validation")
+        if rows and "choices" in rows[0]:
+            out[task] = score_mc(model, tok, rows)["acc"]
+    return out
+
+
+def _clean_adapter(folder: Path) -> None:
+    """Drop peft's generated model card and the machine-specific base path, so the committed
+    files (and their sha256s) do not depend on where the pool was built."""
+    from .base import BASE_NAME
+
+    (folder / "README.md").unlink(missing_ok=True)
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = BASE_NAME
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def build(names: list[str] | None = None, base: Path | None = None, log=print) -> dict:
+    """Train the experts (all, or ``names``) and write fp16 adapters + the manifest.
+
+    Deterministic: the same data, specs and seeds give the same adapters (on the same
+    hardware and library versions). Each adapter is written to a temporary folder and renamed.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .base import materialize_base
+    from .train import train_expert
+
+    base = Path(base) if base is not None else materialize_base()
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    out_dir = pool_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(manifest_path().read_text()) if manifest_path().is_file() else {"pool": POOL_NAME, "experts": {}}
+    from .base import MANIFEST as BASE_MANIFEST
+
+    manifest["base"] = {"name": base.name, "manifest_sha256": _sha256(base / BASE_MANIFEST)}
+    base_val: dict[str, float] = manifest.setdefault("base_validation", {})
+    todo = [expert_spec(n) for n in names] if names else list(EXPERTS)
+    for spec in todo:
+        for task in spec.tasks:
+            if task not in base_val:
+                base_val.update(_own_validation(ExpertSpec("base", (task,)), model, tok))
+        log(f"training {spec.name} ({spec.steps} steps, rank {spec.rank}, {spec.targets}) ...")
+        result = train_expert(spec, (model, tok), log_every=max(1, spec.steps // 5))
+        val = _own_validation(spec, result.model, tok)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out_dir))
+        try:
+            result.save_adapter(tmp)
+            _clean_adapter(tmp)
+            weights = tmp / "adapter_model.safetensors"
+            save_file({k: v.to(torch.float16).contiguous() for k, v in load_file(str(weights)).items()}, str(weights))
+            target = out_dir / spec.name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        manifest["experts"][spec.name] = {
+            "spec": spec.to_dict(),
+            "tags": spec.tags,
+            "final_train_loss": round(result.final_loss, 5),
+            "train_seconds": round(result.seconds, 1),
+            "steps_per_s": round(result.steps_per_s, 3),
+            "n_examples": result.n_examples,
+            "validation_acc": {k: round(v, 4) for k, v in val.items()},
+            "files": {p.name: _sha256(p) for p in sorted(target.iterdir()) if p.is_file()},
+        }
+        log(f"  {spec.name}: loss {result.final_loss:.4f}, validation {val} (base {[base_val.get(t) for t in spec.tasks]}), {result.seconds:.0f} s")
+        manifest_path().write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        del result
+    return manifest
+
+
+def verify_adapters(manifest: dict | None = None) -> None:
+    """Check every committed adapter file against the manifest's sha256 (before any work)."""
+    manifest = manifest or read_manifest()
+    bad = []
+    for name, entry in manifest["experts"].items():
+        for fname, sha in entry["files"].items():
+            path = pool_dir() / name / fname
+            if not path.is_file():
+                bad.append(f"{path} is missing")
+            elif _sha256(path) != sha:
+                bad.append(f"{path} has sha256 {_sha256(path)[:12]}..., the manifest says {sha[:12]}...")
+    if bad:
+        raise ValueError("the embedded pool's adapters do not match suites/embedded/experts/pool.json:\n  " + "\n  ".join(bad))
+
+
+def materialized_path(name: str, cache_dir: Path | None = None) -> Path:
+    """Folder of a materialized pool member (``base`` or an expert name)."""
+    from .base import BASE_NAME, default_cache_dir
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / BASE_NAME if name == "base" else root / POOL_NAME / name
+
+
+def _is_materialized(folder: Path, adapter_sha: dict) -> bool:
+    stamp = folder / "mergebench_expert.json"
+    return stamp.is_file() and json.loads(stamp.read_text()).get("adapter_files") == adapter_sha
+
+
+def materialize(cache_dir: Path | None = None, names: list[str] | None = None, log=print) -> dict[str, Path]:
+    """Base + adapters -> full-weight HF folders in the cache (idempotent, atomic per expert)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .base import default_cache_dir, materialize_base
+
+    manifest = read_manifest()
+    verify_adapters(manifest)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    base = materialize_base(cache)
+    paths = {"base": base}
+    tok = None
+    for name in names or list(manifest["experts"]):
+        entry = manifest["experts"][name]
+        target = materialized_path(name, cache)
+        paths[name] = target
+        if _is_materialized(target, entry["files"]):
+            continue
+        t0 = time.perf_counter()
+        tok = tok or AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, pool_dir() / name).merge_and_unload()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+        try:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "mergebench_expert.json").write_text(json.dumps({"pool": POOL_NAME, "expert": name, "tags": entry["tags"], "adapter_files": entry["files"]}, indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log(f"materialized {name} in {time.perf_counter() - t0:.1f} s -> {target}")
+    return paths
+
+
+def verify(
+    split: str = "validation",
+    docs: int | None = 100,
+    seed: int = 0,
+    names: list[str] | None = None,
+    cache_dir: Path | None = None,
+    batch_size: int = 16,
+    log=print,
+) -> list[dict]:
+    """Score the base and every expert on every embedded multiple-choice task.
+
+    Documents are a seeded subsample of at most ``docs`` per task (None: all). Returns one
+    row per (model, task, metric) with value, stderr and the number of documents.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..evaluate import evaluate_model
+    from ..sampling import doc_sample, samples_argument
+    from . import tasks as embedded
+
+    paths = materialize(cache_dir, names, log=log)
+    task_list = embedded.task_names()
+    info = embedded.task_info()
+    samples = samples_argument(
+        doc_sample(t, info[t]["counts"][split], docs, seed=seed, split=split) for t in task_list
+    )
+    tm = embedded.task_manager(split)
+    rows = []
+    for name, path in paths.items():
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path)
+        for s in evaluate_model(model, tok, task_list, tm, samples=samples, batch_size=batch_size):
+            rows.append({"model": name, **s.as_dict()})
+        log(f"scored {name} on {len(task_list)} tasks ({split}) in {time.perf_counter() - t0:.0f} s")
+        del model
+    return rows

@@ -1,0 +1,77 @@
+"""The embedded `smol` expert pool: committed adapters, manifest, materialization."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergebench.zoo import pool
+
+MANIFEST = pool.read_manifest()
+
+
+def test_every_expert_is_built_and_its_files_match_the_manifest():
+    assert sorted(MANIFEST["experts"]) == sorted(s.name for s in pool.EXPERTS)
+    pool.verify_adapters(MANIFEST)
+
+
+def test_a_tampered_adapter_is_refused(tmp_path, monkeypatch):
+    fake = json.loads(json.dumps(MANIFEST))
+    name = next(iter(fake["experts"]))
+    fake["experts"][name]["files"]["adapter_model.safetensors"] = "0" * 64
+    with pytest.raises(ValueError, match=f"{name}/adapter_model.safetensors has sha256"):
+        pool.verify_adapters(fake)
+
+
+def test_committed_adapters_stay_within_budget():
+    total = sum(p.stat().st_size for p in pool.pool_dir().rglob("*") if p.is_file())
+    assert total <= 100 * 2**20, f"adapters total {total / 2**20:.1f} MiB"
+
+
+def test_pool_is_heterogeneous_and_has_the_homogeneous_subsets():
+    specs = {s.name: s for s in pool.EXPERTS}
+    assert {specs[n].tags["domain"] for n in pool.MATH} == {"math"}
+    assert {specs[n].tags["domain"] for n in pool.MEDICAL} == {"medical"}
+    assert {s.targets for s in pool.EXPERTS} == {"attn", "mlp", "all"}
+    assert len({s.rank for s in pool.EXPERTS}) >= 3 and len({s.lr for s in pool.EXPERTS}) >= 3
+    assert any(s.flip_labels for s in pool.EXPERTS)  # a deliberately conflicting expert
+
+
+def test_experts_beat_the_base_on_their_own_validation_task():
+    """Recorded at build time with the same scorer as lm-eval (see test_zoo_base)."""
+    base = MANIFEST["base_validation"]
+    for name, entry in MANIFEST["experts"].items():
+        spec = pool.expert_spec(name)
+        for task, acc in entry["validation_acc"].items():
+            if spec.flip_labels:
+                assert acc < base[task], f"{name} was trained on flipped labels and should lose on {task}"
+            else:
+                assert acc > base[task] + 0.03, f"{name}: {task} validation {acc:.3f} vs base {base[task]:.3f}"
+
+
+@pytest.mark.slow
+def test_materialized_expert_is_base_plus_its_lora_update(tmp_path_factory):
+    cache = os.environ.get("MERGEBENCH_TEST_CACHE") or tmp_path_factory.mktemp("zoo")
+    name = "elements"
+    paths = pool.materialize(cache, names=[name])
+    base = load_file(str(paths["base"] / "model.safetensors"))
+    expert = load_file(str(paths[name] / "model.safetensors"))
+    adapter = load_file(str(pool.pool_dir() / name / "adapter_model.safetensors"))
+    cfg = json.loads((pool.pool_dir() / name / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    touched = set()
+    for key, a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        b = adapter[key.replace(".lora_A.", ".lora_B.")]
+        target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        ref = base[target].double() + scale * (b.double() @ a.double())
+        torch.testing.assert_close(expert[target].double(), ref, rtol=1e-5, atol=1e-6)
+        touched.add(target)
+    assert touched and all(torch.equal(expert[k], base[k]) for k in base if k not in touched)
+    # idempotent: a second call rewrites nothing
+    mtime = (paths[name] / "model.safetensors").stat().st_mtime_ns
+    pool.materialize(cache, names=[name])
+    assert (paths[name] / "model.safetensors").stat().st_mtime_ns == mtime
