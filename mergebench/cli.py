@@ -191,7 +191,6 @@ def eval_cmd(
 ) -> None:
     """Merge every subset of a suite with one method, score it, store the rows, print a summary."""
     from .methods import ParameterError
-    from .pools import PoolError
     from .runner import run_eval, summarize
 
     try:
@@ -297,6 +296,87 @@ def sql_cmd(
     out.print(t)
     if len(df) > 200:
         console.print(f"({len(df)} rows; first 200 shown, use --json for all)")
+
+
+def _probe_texts(pool, names: list[str], k: int, seed: int) -> tuple[list[str], dict[str, str]]:
+    """k seeded validation documents of each expert's (embedded) task, and expert -> task."""
+    from .pools import tag_values
+    from .sampling import doc_sample
+    from .zoo.tasks import load_split
+
+    probes: list[str] = []
+    tasks: dict[str, str] = {}
+    seen: set[str] = set()
+    for name in names:
+        tagged = tag_values(pool.expert(name).tags.get("task"))
+        if not tagged:
+            continue
+        task = tagged[0]
+        tasks[name] = task
+        if task in seen:
+            continue
+        seen.add(task)
+        rows = load_split(task, "validation")
+        for i in doc_sample(task, len(rows), k, seed=seed, split="validation").indices:
+            probes.append(rows[i].get("query") or rows[i].get("text"))
+    return probes, tasks
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    pool: Annotated[str, typer.Option(help="pool name (see `mergebench pools`)")],
+    experts: Annotated[Optional[str], typer.Option(help="comma-separated expert names (default: all of the pool)")] = None,
+    method: Annotated[Optional[str], typer.Option(help="also merge the experts with this method and diagnose the merge")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="method parameter key=value (repeatable)")] = None,
+    kinds: Annotated[str, typer.Option(help="comma-separated: weights,representations,activations")] = "weights,representations,activations",
+    layer: Annotated[int, typer.Option(help="hidden layer for HiddenSim/MDS (negative counts from the end)")] = -1,
+    layers: Annotated[Optional[str], typer.Option(help="comma-separated hidden layers for activation diagnostics (default: all)")] = None,
+    k: Annotated[int, typer.Option(help="probe documents per task (seed 004: 5)")] = 5,
+    n_boot: Annotated[int, typer.Option(help="bootstrap draws for activation diagnostics")] = 20,
+    seed: Annotated[int, typer.Option(help="bootstrap / merge seed")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    results: Annotated[Path, typer.Option(help="results folder (Parquet store)")] = Path("results"),
+) -> None:
+    """Why a merge fails: weight, representation and activation diagnostics of a pool (and a merge)."""
+    import tempfile
+
+    from .diagnostics import diagnose
+    from .engine import merge
+    from .methods import ParameterError, get_method
+    from .pools import PoolError, load_pool
+    from .request import MergeRequest
+
+    try:
+        p = load_pool(pool)
+        names = _split(experts) or p.expert_names()
+        def where(ref):
+            path = ref.locate()
+            if path is None:
+                raise PoolError(f"{ref.spec} is not available locally (see `mergebench pools`)")
+            return str(path)
+        base = where(p.base)
+        paths = {n: where(p.expert(n)) for n in names}
+        probes, tasks = _probe_texts(p, names, k, seed)        # LEAD: k docs per expert's task, see below
+        with tempfile.TemporaryDirectory() as tmp:
+            merged = spec = None
+            if method:
+                spec = get_method(method)
+                req = MergeRequest(method=method, base=base, experts=list(paths.values()),
+                                   params=parse_sets(set_), seed=seed, device=device)
+                merge(req, Path(tmp) / "merged", progress=False)
+                merged = str(Path(tmp) / "merged")
+            out = diagnose(base, paths, merged=merged, merged_name=method or "merged", probes=probes, tasks=tasks,
+                           kinds=tuple(_split(kinds)), layer=layer,
+                           activation_layers=[int(x) for x in _split(layers)] if layers else None,
+                           n_boot=n_boot, seed=seed, device=device, results_dir=results, pool=p.name,
+                           base_model=p.base.spec, method=method, method_version=spec.version if spec else None,
+                           params=parse_sets(set_), log=lambda m: console.print(m, highlight=False))
+    except (PoolError, ParameterError, ValueError, FileNotFoundError, KeyError) as exc:
+        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    for line in out["summary"]:
+        console.print(line, highlight=False)
+    written = sum(u.written for u in out["units"])
+    console.print(f"{written} diagnostic unit(s) written to {results} ({len(out['units']) - written} already stored)")
 
 
 @app.command("pools")

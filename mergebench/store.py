@@ -619,6 +619,9 @@ def connect(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, paper_dir: str
     con.execute("SET TimeZone = 'UTC'")  # timestamps come back in UTC whatever the machine's zone
     _parquet_view(con, "results", results_dir / "runs", "suite=*/method=*/*.parquet", RESULTS_SCHEMA)
     _parquet_view(con, "provenance", results_dir / "provenance", "suite=*/method=*/*.parquet", PROVENANCE_SCHEMA)
+    from .diagnostics.store import DIAGNOSTICS_SCHEMA  # here: diagnostics.store imports this module
+
+    _parquet_view(con, "diagnostics", results_dir / "diagnostics", "pool=*/kind=*/*.parquet", DIAGNOSTICS_SCHEMA)
     pdir = results_dir / "paper" if paper_dir is None else Path(paper_dir)
     if include_paper and pdir.is_dir():
         import pandas as pd

@@ -1,7 +1,6 @@
 """The method contract: parameter typing/validation and the input contract."""
 
 import pytest
-import torch
 
 from mergebench.methods import InputContract, MethodSpec, ModuleKind, Param, ParameterError, TensorContext
 from mergebench.methods.naming import count_layers, layer_index, module_kind

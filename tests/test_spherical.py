@@ -397,11 +397,10 @@ def test_karcher_equal_fisher_is_plain_karcher():
 
 def test_karcher_fisher_first_order_condition_and_pull():
     experts = [rand((40,), 130 + i) for i in range(3)]
-    alpha = [1.0, 1.0, 1.0]
     g = torch.Generator().manual_seed(140)
     fisher = [torch.rand(40, generator=g, dtype=torch.float64) + 0.01 for _ in experts]
     out = run_kernel(KARCHER, None, experts, KP, fisher_ctx(fisher))
-    # Fisher-weighted fixed point: the tangent projection of sum a F Log / sum a F vanishes
+    # Fisher-weighted fixed point (equal weights): the tangent projection of sum F Log / sum F vanishes
     m = unit(out)
     num = sum(f * sphere_log(m, unit(e)) for f, e in zip(fisher, experts))
     v = num / sum(fisher)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mergebench.methods import InputContract, MethodSpec, Param
+from mergebench.methods import InputContract, MethodSpec
 from mergebench.testing import CheckFailure, check_method
 
 

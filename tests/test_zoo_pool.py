@@ -40,15 +40,21 @@ def test_pool_is_heterogeneous_and_has_the_homogeneous_subsets():
 
 
 def test_experts_beat_the_base_on_their_own_validation_task():
-    """Recorded at build time with the same scorer as lm-eval (see test_zoo_base)."""
+    """Recorded with the same scorer as lm-eval (see test_zoo_base), headline metric per task;
+    a multi-task expert must win on average over its tasks."""
     base = MANIFEST["base_validation"]
     for name, entry in MANIFEST["experts"].items():
         spec = pool.expert_spec(name)
-        for task, acc in entry["validation_acc"].items():
-            if spec.flip_labels:
-                assert acc < base[task], f"{name} was trained on flipped labels and should lose on {task}"
-            else:
-                assert acc > base[task] + 0.03, f"{name}: {task} validation {acc:.3f} vs base {base[task]:.3f}"
+        scores = entry["validation_acc"]
+        if not scores:  # the news expert is trained on plain text (perplexity), not multiple choice
+            assert spec.tasks == ("news",)
+            continue
+        mine = sum(scores.values()) / len(scores)
+        ref = sum(base[t] for t in scores) / len(scores)
+        if spec.flip_labels:
+            assert mine < ref, f"{name} was trained on flipped labels and should lose on {list(scores)}"
+        else:
+            assert mine > ref + 0.05, f"{name}: validation {mine:.3f} vs base {ref:.3f} on {list(scores)}"
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType

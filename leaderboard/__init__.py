@@ -1,0 +1,1 @@
+"""The mergebench Streamlit leaderboard (run: `mergebench leaderboard`)."""

@@ -1,0 +1,80 @@
+"""Cached DuckDB queries behind the leaderboard pages (thin wrappers over mergebench.report).
+
+The connection is cached per results directory (Streamlit's cache_resource); query results are
+cached per (directory, filters), so switching pages or filters back and forth is instant.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from mergebench import report, store
+
+ENV_RESULTS = "MERGEBENCH_RESULTS"
+
+
+def results_dir(argv: list[str] | None = None) -> Path:
+    """`--results DIR` after `streamlit run app.py --`, else $MERGEBENCH_RESULTS, else ./results."""
+    argv = list(argv or [])
+    if "--results" in argv and argv.index("--results") + 1 < len(argv):
+        return Path(argv[argv.index("--results") + 1])
+    return Path(os.environ.get(ENV_RESULTS) or store.DEFAULT_RESULTS_DIR)
+
+
+@st.cache_resource(show_spinner=False)
+def connection(path: str):
+    return report.connect(path)
+
+
+def _f(filters: dict) -> report.Filters:
+    return report.Filters(**filters)
+
+
+@st.cache_data(show_spinner=False)
+def choices(path: str) -> dict:
+    return report.choices(connection(path))
+
+
+@st.cache_data(show_spinner="Ranking methods ...")
+def ranking(path: str, filters: dict):
+    return report.ranking(connection(path), _f(filters))
+
+
+@st.cache_data(show_spinner=False)
+def scaling(path: str, filters: dict):
+    con = connection(path)
+    return report.scaling(con, _f(filters)), report.paper_scaling(con, _f(filters))
+
+
+@st.cache_data(show_spinner=False)
+def per_task(path: str, filters: dict):
+    return report.per_task(connection(path), _f(filters))
+
+
+@st.cache_data(show_spinner=False)
+def paper_per_task(path: str, filters: dict):
+    return report.paper_per_task(connection(path), _f(filters))
+
+
+@st.cache_data(show_spinner=False)
+def method_rows(path: str, method: str):
+    return report.method_rows(connection(path), method)
+
+
+@st.cache_data(show_spinner=False)
+def paper_method_rows(path: str, method: str):
+    return report.df(connection(path), """
+        SELECT "table", suite, profile, pool, n, label, metric, value, note FROM paper
+        WHERE method = ? ORDER BY "table", pool, n, metric""", [method])
+
+
+@st.cache_data(show_spinner=False)
+def method_info():
+    return report.method_info()
+
+
+def diagnostics(path: str):
+    return report.diagnostics(connection(path))

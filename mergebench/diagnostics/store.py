@@ -1,0 +1,189 @@
+"""The ``diagnostics`` table of the results store: long-format rows, one Parquet file per unit.
+
+Layout under a results directory (beside ``runs/`` and ``provenance/``, see :mod:`mergebench.store`)::
+
+    diagnostics/pool=<pool>/kind=<kind>/diag-<run_id>-<unit_id>.parquet
+
+A unit is one diagnostic computation (one kind, one pool, one set of models, one method setting,
+one set of diagnostic settings); its id is a content hash (:class:`DiagUnit`), so a repeated run
+finds it done and writes nothing. Files are written with :func:`mergebench.store._atomic_write`
+(hidden temp file, then link), exactly like result units: a reader never sees half a file.
+Folder names are for people only; every column lives in the files.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import store as _store
+from ..store import DEFAULT_RESULTS_DIR, SCHEMA_VERSION, WriteResult, _atomic_write, _conform, _f, _rows_table, canonical_json
+
+__all__ = ["DIAGNOSTICS_SCHEMA", "KINDS", "DiagUnit", "has_diagnostics", "read_diagnostics", "write_diagnostics"]
+
+KINDS = ("weights", "representations", "activations", "stats")
+
+DIAGNOSTICS_SCHEMA = pa.schema(
+    [
+        _f("run_id", pa.string(), "Id of the `mergebench diagnose` invocation that wrote the row.", False),
+        _f("unit_id", pa.string(), "Content hash of the diagnostic unit (DiagUnit.unit_id).", False),
+        _f("created_at", pa.timestamp("us", tz="UTC"), "When the unit was written (UTC).", False),
+        _f("pool", pa.string(), "Model pool name."),
+        _f("base_model", pa.string(), "Base model id the task vectors are taken against."),
+        _f("method", pa.string(), "Merge method of the merged model diagnosed; null if no merged model."),
+        _f("method_version", pa.string(), "MethodSpec.version of `method`."),
+        _f("params_json", pa.string(), "Merge hyper-parameters as canonical JSON; '{}' if none."),
+        _f("subset", pa.list_(pa.string()), "Experts diagnosed (and merged, when `method` is set), in order."),
+        _f("seed", pa.int64(), "Seed of the bootstrap / stochastic merge."),
+        _f("settings_json", pa.string(),
+           "Diagnostic settings as canonical JSON (layer, pooling, normalize, n_boot, zero_tol, probe hash...)."),
+        _f("kind", pa.string(), "'weights', 'representations', 'activations' or 'stats'.", False),
+        _f("metric", pa.string(), "Metric name, e.g. 'cosine', 'sign_change_ratio', 'hidden_sim', 'mds', "
+           "'effective_rank', 'anova_p', 'pearson_r'.", False),
+        _f("model", pa.string(), "Model the value is about (first of a pair); for stats the factor/metric tested."),
+        _f("model_b", pa.string(), "Second model of a pairwise metric; null otherwise."),
+        _f("layer", pa.string(), "'layers.<i>' (weight block), a tensor name, 'hidden.<i>' (hidden state i), "
+           "'last'; null for whole-model values."),
+        _f("scope", pa.string(), "'global', 'block', 'tensor' or 'layer': what `layer` groups."),
+        _f("task", pa.string(), "Task the value belongs to (MDS per task), when known."),
+        _f("value", pa.float64(), "The metric (bootstrap mean for activations); null where undefined."),
+        _f("std", pa.float64(), "Bootstrap standard deviation (activations); null otherwise."),
+        _f("point", pa.float64(), "Value on all probe inputs, without resampling (activations)."),
+        _f("n", pa.int64(), "Sample size behind the value: parameters, tensors averaged, bootstrap draws, "
+           "observations."),
+        _f("extra_json", pa.string(), "Anything else, as JSON."),
+    ],
+    metadata={"mergebench_schema_version": SCHEMA_VERSION, "table": "diagnostics"},
+)
+
+_UNIT_COLS = ("run_id", "unit_id", "created_at", "pool", "base_model", "method", "method_version", "params_json",
+              "subset", "seed", "settings_json")
+_KEY_COLS = ("kind", "metric", "model", "model_b", "layer", "scope", "task")
+
+
+@dataclass(frozen=True)
+class DiagUnit:
+    """The constant part of one diagnostic unit; ``fingerprints`` (checkpoint content hashes) and
+    ``settings`` enter the id, so changed weights or settings make a new unit."""
+
+    kind: str
+    pool: str
+    subset: tuple[str, ...]
+    base_model: str | None = None
+    method: str | None = None
+    method_version: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    fingerprints: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.subset, str):
+            raise TypeError("subset must be a sequence of names, not a string")
+        object.__setattr__(self, "subset", tuple(self.subset))
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def unit_id(self) -> str:
+        payload = {
+            "v": SCHEMA_VERSION, "table": "diagnostics", "kind": self.kind, "pool": self.pool,
+            "subset": list(self.subset), "base_model": self.base_model,
+            "method": None if self.method is None else f"{self.method}@{self.method_version}",
+            "params": dict(self.params), "seed": self.seed, "settings": dict(self.settings),
+            "fingerprints": dict(self.fingerprints),
+        }
+        return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:20]
+
+
+def _root(results_dir: Path) -> Path:
+    return Path(results_dir) / "diagnostics"
+
+
+def _files(results_dir: Path, uid: str) -> list[Path]:
+    return sorted(_root(results_dir).glob(f"pool=*/kind=*/diag-*-{uid}.parquet"))
+
+
+def has_diagnostics(unit: DiagUnit | str, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> bool:
+    uid = unit.unit_id if isinstance(unit, DiagUnit) else unit
+    return bool(_files(Path(results_dir), uid))
+
+
+def write_diagnostics(
+    unit: DiagUnit,
+    rows: Any,
+    *,
+    run_id: str,
+    results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR,
+) -> WriteResult:
+    """Store one unit's rows (kind, metric, value[, model, model_b, layer, scope, task, std, point, n])
+    atomically; idempotent like :func:`mergebench.store.write_unit` (same race resolution)."""
+    if not _store._RUN_ID.match(run_id):
+        raise ValueError(f"run_id {run_id!r} must match {_store._RUN_ID.pattern}")
+    results_dir = Path(results_dir)
+    uid = unit.unit_id
+    existing = _files(results_dir, uid)
+    if existing:
+        return WriteResult(uid, existing[0], False)
+    if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], Mapping):
+        # pyarrow's from_pylist keeps only the first row's keys: give every row every column
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        rows = {c: [r.get(c) for r in rows] for c in cols}
+    table = _rows_table(rows)
+    if table.num_rows == 0:
+        raise ValueError(f"diagnostic unit {uid} has no rows to write")
+    missing = [c for c in ("kind", "metric") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"rows lack required column(s) {missing}")
+    kinds = set(table.column("kind").to_pylist())
+    if kinds != {unit.kind}:
+        raise ValueError(f"unit kind is {unit.kind!r} but rows have kind(s) {sorted(map(str, kinds))}")
+    constants = {
+        "run_id": run_id, "unit_id": uid, "created_at": _dt.datetime.now(_dt.UTC), "pool": unit.pool,
+        "base_model": unit.base_model, "method": unit.method, "method_version": unit.method_version,
+        "params_json": canonical_json(dict(unit.params)), "subset": list(unit.subset), "seed": unit.seed,
+        "settings_json": canonical_json(dict(unit.settings)),
+    }
+    table = _conform(table, DIAGNOSTICS_SCHEMA, constants)
+    keys = table.select(list(_KEY_COLS)).to_pylist()
+    if len({tuple(k.values()) for k in keys}) != len(keys):
+        raise ValueError(f"diagnostic unit {uid}: rows repeat a {_KEY_COLS} key")
+    part = _root(results_dir) / f"pool={quote(unit.pool, safe='')}" / f"kind={unit.kind}"
+    final = part / f"diag-{run_id}-{uid}.parquet"
+    if not _atomic_write(table, final):
+        return WriteResult(uid, final, False)
+    files = _files(results_dir, uid)  # same convergence rule as store.write_unit
+    for extra in files[1:]:
+        extra.unlink(missing_ok=True)
+    if files and files[0] != final:
+        return WriteResult(uid, files[0], False)
+    return WriteResult(uid, final, True)
+
+
+def read_diagnostics(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *, kind: str | None = None,
+                     pool: str | None = None):
+    """Every stored diagnostic row as a pandas DataFrame (DIAGNOSTICS_SCHEMA columns; empty if none)."""
+    root = _root(Path(results_dir))
+    pat = f"pool={quote(pool, safe='') if pool else '*'}/kind={kind or '*'}/diag-*.parquet"
+    files = sorted(root.glob(pat)) if root.is_dir() else []
+    if not files:
+        return DIAGNOSTICS_SCHEMA.empty_table().to_pandas()
+    tables = [pq.read_table(f, schema=DIAGNOSTICS_SCHEMA) for f in files]
+    return pa.concat_tables(tables).to_pandas()
+
+
+def unit_rows_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Row count per metric (for log lines)."""
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r["metric"]] = out.get(r["metric"], 0) + 1
+    return out

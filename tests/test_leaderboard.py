@@ -1,0 +1,220 @@
+"""The Streamlit leaderboard (AppTest) and the static reports, on committed and synthetic stores."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from leaderboard import synthetic  # noqa: E402
+from mergebench import report, store  # noqa: E402
+
+APP = str(ROOT / "leaderboard" / "app.py")
+PAGES = ["ranking", "scaling", "tasks", "diagnostics", "methods", "pareto"]
+METHODS = {"linear": 0.0, "ties": 0.05, "karcher": 0.08, "slerp": -0.03}
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lb") / "results"
+    synthetic.small_store(d, methods=METHODS, sizes=(2, 3))
+    return d
+
+
+def app(results_dir, monkeypatch) -> AppTest:
+    monkeypatch.setenv("MERGEBENCH_RESULTS", str(results_dir))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    at.radio(key="page").set_value(page)
+    at.run()
+    assert not at.exception, (page, [e.message for e in at.exception])
+    return at
+
+
+def direct_scores(results_dir) -> pd.DataFrame:
+    """Independent DuckDB computation: mean over units of the unit's mean 'acc' (the headline metric
+    of every mb_* task in the synthetic store), per method."""
+    return store.sql("""
+        SELECT method, avg(s) AS score, count(*) AS units FROM (
+            SELECT unit_id, any_value(method) AS method, avg(value) AS s FROM results
+            WHERE role = 'merged' AND metric = 'acc' GROUP BY unit_id)
+        GROUP BY method ORDER BY score DESC""", results_dir)
+
+
+# ----------------------------------------------------------------------------- app pages
+
+
+@pytest.mark.parametrize("which", ["committed", "synthetic"])
+def test_every_page_renders(which, syn, monkeypatch):
+    at = app(ROOT / "results" if which == "committed" else syn, monkeypatch)
+    for page in PAGES:
+        goto(at, page)
+        assert at.title[0].value == "mergebench leaderboard"
+        if which == "synthetic" and page != "diagnostics":
+            assert len(at.dataframe) >= 1, page  # every page shows real data here
+            assert not at.info or page == "methods", (page, [i.value for i in at.info])
+
+
+def test_committed_store_shows_published_rows(monkeypatch):
+    at = app(ROOT / "results", monkeypatch)
+    goto(at, "ranking")
+    at.selectbox(key="suite").set_value("openllm").run()
+    pap = at.dataframe[-1].value
+    assert len(pap) > 0 and set(pap["source"]) == {"published"}
+    # the value printed in seed 000 Table 1 for Karcher at m = 2, read straight from the CSV
+    csv = pd.read_csv(ROOT / "results" / "paper" / "seed000_table1.csv")
+    want = csv[(csv.method == "karcher") & (csv.n == 2) & (csv.metric == "reported_average")]["value"].iloc[0]
+    got = pap[(pap["method"] == "karcher") & (pap["n"] == 2) & (pap["table"] == "seed000_table1")]["score"]
+    assert got.iloc[0] == pytest.approx(want)
+
+
+def test_ranking_order_equals_duckdb(syn, monkeypatch):
+    at = goto(app(syn, monkeypatch), "ranking")
+    run, pub = at.dataframe[0].value, at.dataframe[1].value
+    assert set(run["source"]) == {"reproduced"} and set(pub["source"]) == {"published"}
+    want = direct_scores(syn)
+    assert run["method"].tolist() == want["method"].tolist()
+    np.testing.assert_allclose(run["score"].to_numpy(float), want["score"].to_numpy(float), rtol=1e-12)
+    assert run["n_units"].tolist() == want["units"].tolist()
+    assert run["rank"].tolist() == list(range(1, len(want) + 1))
+    ci = run["ci"].str.split(" – ", expand=True).astype(float)
+    assert (ci[0] <= run["score"]).all() and (run["score"] <= ci[1]).all() and (ci[0] < ci[1]).all()
+    ranks = run["ranks"].str.split(" – ", expand=True).astype(int)
+    assert (ranks[0] <= run["rank"]).all() and (run["rank"] <= ranks[1]).all()
+    assert "rank" not in pub  # published rows are never ranked
+
+
+def test_filters_restrict_rows(syn, monkeypatch):
+    at = goto(app(syn, monkeypatch), "ranking")
+    at.selectbox(key="n").set_value(3).run()
+    run = at.dataframe[0].value
+    assert set(run["n_units"]) == {20}  # C(6, 3) subsets per method
+    at.checkbox(key="data_free").check().run()  # karcher needs Fisher statistics: not data-free
+    run = at.dataframe[0].value
+    assert "karcher" not in set(run["method"]) and "ties" in set(run["method"])
+    at.checkbox(key="data_free").uncheck().run()
+    at.multiselect(key="families").set_value(["spherical"]).run()
+    assert set(at.dataframe[0].value["method"]) <= {"karcher", "slerp", "multislerp", "layer_adaptive_slerp"}
+
+
+def test_method_page_shows_configs_and_command(syn, monkeypatch):
+    at = goto(app(syn, monkeypatch), "methods")
+    at.selectbox(key="method").set_value("ties").run()
+    assert not at.exception
+    cmds = [c.value for c in at.code if c.value.startswith("mergebench eval")]
+    assert cmds == ["mergebench eval --method ties --suite inthewild --profile embedded --pool smol "
+                    "--set lambda=1.0 --seed 0"]
+    cfg = at.dataframe[1].value  # [0] = parameter table
+    assert cfg["params_json"].tolist() == ['{"lambda":1.0}'] and cfg["units"].tolist() == [35]
+
+
+# ------------------------------------------------------------------------- computations
+
+
+def test_gains_and_probabilities_match_sql(syn):
+    con = report.connect(syn)
+    r = report.run_ranking(con, report.Filters(suite="inthewild"))
+    d = store.sql("""
+        WITH u AS (SELECT unit_id, any_value(method) AS method, any_value(role) AS role, any_value(subset) AS subset,
+                          avg(value) AS s FROM results WHERE metric = 'acc' GROUP BY unit_id),
+             b AS (SELECT avg(s) AS base FROM u WHERE role = 'base'),
+             e AS (SELECT max(s) AS best FROM u WHERE role = 'expert')
+        SELECT method, 100 * avg(s - base) AS g, avg((s > base)::DOUBLE) AS p,
+               100 * avg(s - best) AS gb, avg((s > best)::DOUBLE) AS pb
+        FROM u, b, e WHERE role = 'merged' GROUP BY method""", syn).set_index("method")
+    r = r.set_index("method")
+    np.testing.assert_allclose(r["gain_vs_base_pp"], d.loc[r.index, "g"], rtol=1e-9)
+    np.testing.assert_allclose(r["p_gt_base"], d.loc[r.index, "p"])
+    np.testing.assert_allclose(r["gain_vs_best_expert_pp"], d.loc[r.index, "gb"], rtol=1e-9)
+    np.testing.assert_allclose(r["p_gt_best_expert"], d.loc[r.index, "pb"])
+    cost = store.sql("""SELECT r.method, avg(p.merge_wall_s) AS w FROM provenance p
+                        JOIN (SELECT DISTINCT unit_id, method FROM results WHERE role = 'merged') r USING (unit_id)
+                        GROUP BY r.method""", syn).set_index("method")
+    np.testing.assert_allclose(r["merge_wall_s"], cost.loc[r.index, "w"])
+
+
+def test_unknown_suite_falls_back_to_acc(tmp_path):
+    u = store.Unit(suite="custom", role="merged", subset=("a", "b"), method="linear", method_version="1", profile="x")
+    store.write_unit(u, [{"task": "t1", "metric": "acc", "value": 0.2}, {"task": "t1", "metric": "f1", "value": 0.9},
+                         {"task": "t2", "metric": "mcc", "value": 0.4}], run_id="r1", results_dir=tmp_path)
+    s = report.df(report.connect(tmp_path), "SELECT score, n_tasks FROM unit_scores")
+    # t1 -> acc (0.2), t2 has no acc -> its only metric (0.4)
+    assert s["score"].iloc[0] == pytest.approx(0.3) and s["n_tasks"].iloc[0] == 2
+
+
+def test_pareto_front_is_the_non_dominated_set():
+    rng = np.random.default_rng(3)
+    d = pd.DataFrame({"source": "run", "method": [f"m{i}" for i in range(30)], "score": rng.random(30),
+                      "merge_wall_s": rng.random(30) * 10, "merge_peak_gib": 1.0})
+    got = report.pareto(d).set_index("method")["pareto"]
+    for i, row in d.iterrows():
+        others = d.drop(index=i)
+        dom = ((others.score >= row.score) & (others.merge_wall_s <= row.merge_wall_s)
+               & ((others.score > row.score) | (others.merge_wall_s < row.merge_wall_s))).any()
+        assert got[row.method] == (not dom)
+
+
+def test_reproduce_command_quotes_values():
+    cmd = report.reproduce_command("ties", "glue", "paper", "my pool", json.dumps({"lambda": 0.2, "w": [1, 2]}), 3)
+    assert cmd == "mergebench eval --method ties --suite glue --profile paper --pool 'my pool' " \
+                  "--set lambda=0.2 --set 'w=[1, 2]' --seed 3"
+
+
+def test_results_dir_from_args_and_env(monkeypatch):
+    from leaderboard import queries
+
+    monkeypatch.setenv("MERGEBENCH_RESULTS", "/x/env")
+    assert queries.results_dir(["--results", "/x/arg"]) == Path("/x/arg")
+    assert queries.results_dir([]) == Path("/x/env")
+    monkeypatch.delenv("MERGEBENCH_RESULTS")
+    assert queries.results_dir([]) == Path("results")
+
+
+# ------------------------------------------------------------------------------ reports
+
+
+def test_report_formats_carry_the_same_ranking(syn, tmp_path):
+    con = report.connect(syn)
+    want = report.run_ranking(con, report.Filters(suite="inthewild", profile="embedded", pool="smol"))
+    csv = report.write_report(syn, suite="inthewild", fmt="csv", out=tmp_path / "r.csv")
+    t = pd.read_csv(tmp_path / "r.csv")
+    assert (tmp_path / "r.csv").read_text() == csv
+    run = t[t["source"] == "run"]
+    assert run["method"].tolist() == want["method"].tolist()
+    np.testing.assert_allclose(run["score"], want["score"])
+    assert (t["source"] == "paper").any() and set(t["suite"]) == {"inthewild"}
+    md = report.write_report(syn, suite="inthewild", fmt="md")
+    order = [md.index(f"| {m} |") for m in want["method"]]
+    assert order == sorted(order) and "source=paper" in md
+    html = report.write_report(syn, fmt="html")
+    assert html.startswith("<!doctype html>") and "<table" in html and "karcher" in html
+    with pytest.raises(ValueError, match="fmt"):
+        report.write_report(syn, fmt="xlsx")
+
+
+def test_report_plots(syn, tmp_path):
+    pytest.importorskip("matplotlib")
+    report.write_report(syn, fmt="md", plots_dir=tmp_path / "plots")
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert [p.name for p in pngs] == ["scaling_inthewild_embedded_smol.png"]
+    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_on_committed_paper_rows():
+    md = report.write_report(ROOT / "results", suite="glue", fmt="md")
+    assert "glue: published numbers" in md and "merging_loss_pct" in md
