@@ -32,6 +32,7 @@ st.markdown("<style>div.block-container{padding-top:2rem} [data-testid='stMetric
             "</style>", unsafe_allow_html=True)
 
 RESULTS = str(queries.results_dir(sys.argv[1:]))
+SIG = queries.signature(RESULTS)
 
 # ------------------------------------------------------------------------------ sidebar
 keys = list(PAGES)
@@ -41,7 +42,7 @@ page = st.sidebar.radio("Page", keys, index=keys.index(want) if want in keys els
 if st.query_params.get("page") != page:
     st.query_params["page"] = page
 
-opts = queries.choices(RESULTS)
+opts = queries.choices(RESULTS, SIG)
 st.sidebar.markdown("### Filters")
 
 
@@ -100,15 +101,13 @@ def table(d: pd.DataFrame, **kw):
                          na_rep="").format(na_rep="", subset=[c for c in d if not pd.api.types.is_numeric_dtype(d[c])])
     if "source" in d:
         sty = sty.map(lambda v: SOURCE_BG.get(v, ""), subset=["source"])
-    cfg = {k: st.column_config.Column(LABELS.get(k, k), help=HELP.get(k),
-                                      width="small" if k in NUM or k in ("ranks", "source") else None)
-           for k in d if k in LABELS or k in HELP}
+    cfg = {k: st.column_config.Column(LABELS.get(k, k), help=HELP.get(k)) for k in d if k in LABELS or k in HELP}
     st.dataframe(sty, hide_index=True, width="stretch", column_config=cfg, **kw)
 
 
 # ------------------------------------------------------------------------------- pages
 def page_ranking():
-    rank = queries.ranking(RESULTS, filters)
+    rank = queries.ranking(RESULTS, SIG, filters)
     run = rank[rank["source"] == "run"]
     c = st.columns(4)
     c[0].metric("methods ranked", int(run["method"].nunique()) if len(run) else 0)
@@ -147,7 +146,7 @@ def page_ranking():
 
 
 def page_scaling():
-    d, pap = queries.scaling(RESULTS, filters)
+    d, pap = queries.scaling(RESULTS, SIG, filters)
     if d.empty and pap.empty:
         st.info("No scaling data for these filters.")
         return
@@ -160,10 +159,10 @@ def page_scaling():
 
 
 def page_tasks():
-    d = queries.per_task(RESULTS, filters)
+    d = queries.per_task(RESULTS, SIG, filters)
     if d.empty:
         st.info("No reproduced per-task rows for these filters yet; showing the published per-task numbers.")
-        pap = queries.paper_per_task(RESULTS, filters)
+        pap = queries.paper_per_task(RESULTS, SIG, filters)
         if pap.empty:
             return
         tables = sorted(pap["table"].unique())
@@ -185,21 +184,38 @@ def page_tasks():
 
 
 def page_diagnostics():
-    diag = queries.diagnostics(RESULTS)
+    from mergebench import report
+
+    con = queries.connection(RESULTS, SIG)
+    diag = report.diagnostics(con, pool)
     if diag is None:
-        st.info("No `diagnostics` table in this store yet. Once the diagnostics issue lands this page shows "
-                "layer-wise activation variance and effective rank, pairwise cosine heatmaps of task vectors, "
-                "HiddenSim / MDS heatmaps and task-vector norm vs n, per suite, pool and method.")
+        st.info("No diagnostics in this store yet (`mergebench diagnose` writes them under results/diagnostics). "
+                "This page then shows layer-wise activation variance and effective rank, pairwise cosine "
+                "heatmaps of task vectors, HiddenSim / MDS heatmaps and task-vector norm vs n, per pool.")
         table(pd.DataFrame({"planned view": ["activation variance per layer", "effective rank per layer",
                                              "pairwise cosine of task vectors", "HiddenSim / MDS",
                                              "task-vector norm vs n"]}))
-    else:
-        table(diag)
+        return
+    st.markdown("Diagnostics stored for this selection (rows per pool, kind, metric and scope):")
+    table(diag)
+    kinds = sorted(diag["kind"].unique())
+    kind = st.selectbox("Kind", kinds, key="diag_kind")
+    metric = st.selectbox("Metric", sorted(diag[diag["kind"] == kind]["metric"].unique()), key="diag_metric")
+    v = report.diagnostic_values(con, kind, metric, pool)
+    pairs = v[v["model_b"].notna()]
+    if not pairs.empty:
+        st.subheader(f"{metric}: pairwise (mean over layers)")
+        h = pairs.groupby(["model", "model_b"], as_index=False)["value"].mean()
+        st.altair_chart(charts.heatmap(h.rename(columns={"model": "method", "model_b": "task"})), width="stretch")
+    curves = v[v["model_b"].isna() & v["layer_index"].notna()]
+    if not curves.empty:
+        st.subheader(f"{metric} by layer")
+        st.altair_chart(charts.layer_curve(curves), width="stretch")
 
 
 def page_methods():
     names = sorted(info["method"])
-    ranked = queries.ranking(RESULTS, filters)["method"].tolist()
+    ranked = queries.ranking(RESULTS, SIG, filters)["method"].tolist()
     first = next((m for m in ranked if m in names), names[0])
     method = st.selectbox("Method", names, index=names.index(first), key="method")
     from mergebench.methods import get_method
@@ -217,7 +233,7 @@ def page_methods():
     table(pd.DataFrame(spec.get("params") or [], columns=["name", "type", "default", "range", "per_expert", "help"])
           .astype(str))
     st.markdown("**Configurations behind the reproduced rows** and the command that recomputes each")
-    rows = queries.method_rows(RESULTS, method)
+    rows = queries.method_rows(RESULTS, SIG, method)
     if rows.empty:
         st.info("No reproduced rows for this method yet.")
     else:
@@ -225,7 +241,7 @@ def page_methods():
                                                     run_ids=rows["run_ids"].map(lambda s: ", ".join(s))))
         for cmd in rows["command"].unique():
             st.code(cmd, language="bash")
-    pap = queries.paper_method_rows(RESULTS, method)
+    pap = queries.paper_method_rows(RESULTS, SIG, method)
     if not pap.empty:
         st.markdown("**Published rows** (`source=paper`)")
         table(pap)
@@ -236,7 +252,7 @@ def page_methods():
 def page_pareto():
     from mergebench import report
 
-    rank = queries.ranking(RESULTS, filters)
+    rank = queries.ranking(RESULTS, SIG, filters)
     d = report.pareto(rank)
     if d.empty:
         st.info("No reproduced rows with merge cost (provenance) for these filters.")

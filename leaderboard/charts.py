@@ -80,3 +80,10 @@ def pareto(d: pd.DataFrame) -> alt.Chart:
     front = alt.Chart(d[d["pareto"]].sort_values("merge_wall_s")).mark_line(
         interpolate="step-after", color="#d62728", strokeDash=[4, 3]).encode(x="merge_wall_s:Q", y="score:Q")
     return (front + pts + labels).properties(height=420)
+
+
+def layer_curve(d: pd.DataFrame) -> alt.Chart:
+    """A diagnostic metric vs layer index, one line per model."""
+    return alt.Chart(d).mark_line(point=True).encode(
+        x=alt.X("layer_index:Q", title="layer"), y=alt.Y("value:Q", scale=alt.Scale(zero=False), title="value"),
+        color="model:N", tooltip=["model", "layer", alt.Tooltip("value:Q", format=".4f")]).properties(height=320)

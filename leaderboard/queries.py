@@ -24,9 +24,21 @@ def results_dir(argv: list[str] | None = None) -> Path:
     return Path(os.environ.get(ENV_RESULTS) or store.DEFAULT_RESULTS_DIR)
 
 
-@st.cache_resource(show_spinner=False)
-def connection(path: str):
+def signature(path: str) -> tuple:
+    """Cheap fingerprint of the store: modification times of its partition folders (adding a unit file
+    changes its folder's mtime), so caches refresh when results land while the app runs."""
+    root = Path(path)
+    dirs = [root / "paper"] + [d for kind in ("runs", "provenance", "diagnostics") for d in root.glob(f"{kind}/*/*")]
+    return tuple(sorted((str(d), d.stat().st_mtime_ns) for d in dirs if d.is_dir()))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _connection(path: str, sig: tuple):
     return report.connect(path)
+
+
+def connection(path: str, sig: tuple | None = None):
+    return _connection(path, signature(path) if sig is None else sig)
 
 
 def _f(filters: dict) -> report.Filters:
@@ -34,39 +46,39 @@ def _f(filters: dict) -> report.Filters:
 
 
 @st.cache_data(show_spinner=False)
-def choices(path: str) -> dict:
-    return report.choices(connection(path))
+def choices(path: str, sig: tuple) -> dict:
+    return report.choices(connection(path, sig))
 
 
 @st.cache_data(show_spinner="Ranking methods ...")
-def ranking(path: str, filters: dict):
-    return report.ranking(connection(path), _f(filters))
+def ranking(path: str, sig: tuple, filters: dict):
+    return report.ranking(connection(path, sig), _f(filters))
 
 
 @st.cache_data(show_spinner=False)
-def scaling(path: str, filters: dict):
-    con = connection(path)
+def scaling(path: str, sig: tuple, filters: dict):
+    con = connection(path, sig)
     return report.scaling(con, _f(filters)), report.paper_scaling(con, _f(filters))
 
 
 @st.cache_data(show_spinner=False)
-def per_task(path: str, filters: dict):
-    return report.per_task(connection(path), _f(filters))
+def per_task(path: str, sig: tuple, filters: dict):
+    return report.per_task(connection(path, sig), _f(filters))
 
 
 @st.cache_data(show_spinner=False)
-def paper_per_task(path: str, filters: dict):
-    return report.paper_per_task(connection(path), _f(filters))
+def paper_per_task(path: str, sig: tuple, filters: dict):
+    return report.paper_per_task(connection(path, sig), _f(filters))
 
 
 @st.cache_data(show_spinner=False)
-def method_rows(path: str, method: str):
-    return report.method_rows(connection(path), method)
+def method_rows(path: str, sig: tuple, method: str):
+    return report.method_rows(connection(path, sig), method)
 
 
 @st.cache_data(show_spinner=False)
-def paper_method_rows(path: str, method: str):
-    return report.df(connection(path), """
+def paper_method_rows(path: str, sig: tuple, method: str):
+    return report.df(connection(path, sig), """
         SELECT "table", suite, profile, pool, n, label, metric, value, note FROM paper
         WHERE method = ? ORDER BY "table", pool, n, metric""", [method])
 
@@ -76,5 +88,4 @@ def method_info():
     return report.method_info()
 
 
-def diagnostics(path: str):
-    return report.diagnostics(connection(path))
+

@@ -379,6 +379,53 @@ def diagnose_cmd(
     console.print(f"{written} diagnostic unit(s) written to {results} ({len(out['units']) - written} already stored)")
 
 
+@app.command("leaderboard")
+def leaderboard_cmd(
+    results: Annotated[Path, typer.Option(help="results folder (Parquet store), opened read-only")] = Path("results"),
+    port: Annotated[int, typer.Option(help="port to serve on")] = 8501,
+    host: Annotated[str, typer.Option(help="address to bind (default: this machine only)")] = "127.0.0.1",
+) -> None:
+    """Open the Streamlit leaderboard over a results store."""
+    import os
+    import subprocess
+
+    app_py = Path(__file__).resolve().parents[1] / "leaderboard" / "app.py"
+    if not app_py.is_file():
+        _fail(f"leaderboard app not found at {app_py} (run from a mergebench checkout)")
+    try:
+        import streamlit  # noqa: F401
+    except ImportError:
+        _fail("the leaderboard needs streamlit: pip install 'mergebench[leaderboard]'")
+    env = {**os.environ, "MERGEBENCH_RESULTS": str(results.resolve())}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_py),
+           "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
+           "--", "--results", str(results.resolve())]
+    console.print(f"mergebench leaderboard on http://{host}:{port}  (results: {results})")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@app.command("report")
+def report_cmd(
+    results: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
+    suite: Annotated[Optional[str], typer.Option(help="only this suite")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="md, csv or html")] = "md",
+    plots: Annotated[Optional[Path], typer.Option(help="also write scaling-curve PNGs into this folder")] = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="write here instead of stdout")] = None,
+) -> None:
+    """The leaderboard's rankings as static tables (papers, CI logs)."""
+    from .report import write_report
+
+    if fmt not in ("md", "csv", "html"):
+        _fail("--format must be md, csv or html")
+    try:
+        text = write_report(results, suite=suite, fmt=fmt, plots_dir=plots, out=out_file)
+    except ImportError as exc:  # matplotlib missing for --plots
+        _fail(f"{exc}; --plots needs matplotlib")
+    if out_file is None:
+        sys.stdout.write(text)
+
+
 @app.command("pools")
 def pools_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output (local paths once materialized)")] = False,

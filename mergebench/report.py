@@ -374,10 +374,24 @@ def pareto(rank: pd.DataFrame) -> pd.DataFrame:
     return d
 
 
-def diagnostics(con) -> pd.DataFrame | None:
-    """The ``diagnostics`` table/view if the store provides one, else None."""
+def diagnostics(con, pool: str | None = None) -> pd.DataFrame | None:
+    """Overview of the ``diagnostics`` view (rows per pool, kind, metric, scope); None when the store
+    has no diagnostics (no view, or an empty one)."""
     names = set(df(con, "SELECT table_name FROM information_schema.tables")["table_name"])
-    return df(con, "SELECT * FROM diagnostics LIMIT 10000") if "diagnostics" in names else None
+    if "diagnostics" not in names:
+        return None
+    out = df(con, """SELECT pool, kind, metric, scope, count(*) AS rows, count(DISTINCT unit_id) AS units,
+                            bool_or(model_b IS NOT NULL) AS pairwise, count(DISTINCT layer) AS layers
+                     FROM diagnostics WHERE ? IS NULL OR pool = ? GROUP BY ALL ORDER BY ALL""", [pool, pool])
+    return None if out.empty else out
+
+
+def diagnostic_values(con, kind: str, metric: str, pool: str | None = None) -> pd.DataFrame:
+    """Mean value per (model, model_b, layer, scope) of one diagnostic metric (heatmap/curve input)."""
+    return df(con, """SELECT model, model_b, layer, scope, avg(value) AS value, avg(std) AS std,
+                             try_cast(regexp_extract(layer, '(\\d+)$', 1) AS INTEGER) AS layer_index
+                      FROM diagnostics WHERE kind = ? AND metric = ? AND (? IS NULL OR pool = ?)
+                      GROUP BY ALL ORDER BY ALL""", [kind, metric, pool, pool])
 
 
 # ---------------------------------------------------------------------------------- reports

@@ -40,6 +40,8 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .memory import peak_rss_bytes, reset_peak_rss
+
 SCHEMA_VERSION = "1"
 DEFAULT_RESULTS_DIR = Path("results")
 #: The repository's committed results (paper tables live in ``PAPER_DIR``); useful when a caller's
@@ -508,16 +510,6 @@ def collect_environment(device: str | None = None) -> dict[str, Any]:
     }
 
 
-def _vm_hwm_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 @contextmanager
 def measure(prefix: str, out: dict[str, Any], device: str | None = None):
     """Record ``<prefix>_wall_s`` and, for prefix 'merge', ``merge_peak_rss_bytes`` into `out`.
@@ -528,10 +520,7 @@ def measure(prefix: str, out: dict[str, Any], device: str | None = None):
     """
     torch = sys.modules.get("torch")
     cuda = torch is not None and (device or "").startswith("cuda") and torch.cuda.is_available()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    reset_peak_rss()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -540,7 +529,7 @@ def measure(prefix: str, out: dict[str, Any], device: str | None = None):
     finally:
         out[f"{prefix}_wall_s"] = time.perf_counter() - t0
         if prefix == "merge":
-            out["merge_peak_rss_bytes"] = _vm_hwm_bytes()
+            out["merge_peak_rss_bytes"] = peak_rss_bytes()
         if cuda:
             peak = int(torch.cuda.max_memory_allocated(device))
             out["gpu_peak_mem_bytes"] = max(peak, out.get("gpu_peak_mem_bytes") or 0)

@@ -105,3 +105,18 @@ def test_existing_output_needs_overwrite(tiny_pool, tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "--overwrite" in " ".join(res.output.split())
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+
+
+def test_the_example_plugin_merges_through_the_cli(tiny_pool, tmp_path):
+    """The third-party method is discovered through its entry point and used like a built-in."""
+    base, experts = tiny_pool
+    out = tmp_path / "median"
+    res = runner.invoke(
+        app, ["merge", "--method", "median", "--base", str(base), "--experts", ",".join(map(str, experts)), "--out", str(out), "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    merged, b = _weights(out), _weights(base)
+    ins = [_weights(e) for e in experts]
+    for name, t in merged.items():
+        deltas = torch.stack([e[name].double() - b[name].double() for e in ins])
+        torch.testing.assert_close(t.double(), b[name].double() + deltas.median(dim=0).values, rtol=1e-6, atol=1e-6)

@@ -68,6 +68,10 @@ def test_every_page_renders(which, syn, monkeypatch):
         if which == "synthetic" and page != "diagnostics":
             assert len(at.dataframe) >= 1, page  # every page shows real data here
             assert not at.info or page == "methods", (page, [i.value for i in at.info])
+            if page in ("ranking", "scaling", "tasks", "pareto"):
+                assert len(at.get("vega_lite_chart")) >= 1, page
+        if which == "committed" and page in ("ranking", "scaling", "tasks"):
+            assert len(at.dataframe) >= 1, page  # the published numbers show before any run
 
 
 def test_committed_store_shows_published_rows(monkeypatch):
@@ -218,3 +222,34 @@ def test_report_plots(syn, tmp_path):
 def test_report_on_committed_paper_rows():
     md = report.write_report(ROOT / "results", suite="glue", fmt="md")
     assert "glue: published numbers" in md and "merging_loss_pct" in md
+
+
+def test_diagnostics_page_reads_the_diagnostics_view(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    diag_mod = pytest.importorskip("mergebench.diagnostics.store")
+    synthetic.small_store(tmp_path, methods={"linear": 0.0}, sizes=(2,))
+    at = goto(app(tmp_path, monkeypatch), "diagnostics")
+    assert "No diagnostics" in at.info[0].value  # empty store: the placeholder
+    rows = [{"run_id": "r", "unit_id": "u1", "created_at": pd.Timestamp("2026-01-01", tz="UTC"), "pool": "smol",
+             "kind": "weights", "metric": "cosine", "model": a, "model_b": b, "layer": f"layers.{i}",
+             "scope": "block", "value": 0.1 * i + (a == b)} for a in ("e1", "e2") for b in ("e1", "e2") for i in range(3)]
+    rows += [{"run_id": "r", "unit_id": "u2", "created_at": pd.Timestamp("2026-01-01", tz="UTC"), "pool": "smol",
+              "kind": "activations", "metric": "variance", "model": "e1", "layer": f"hidden.{i}", "scope": "layer",
+              "value": float(i)} for i in range(4)]
+    schema = diag_mod.DIAGNOSTICS_SCHEMA
+    for kind in ("weights", "activations"):
+        g = [r for r in rows if r["kind"] == kind]
+        d = tmp_path / "diagnostics" / "pool=smol" / f"kind={kind}"
+        d.mkdir(parents=True)
+        cols = {f.name: pa.array([r.get(f.name) for r in g], f.type) for f in schema}
+        pq.write_table(pa.table(cols, schema=schema), d / "diag-r-x.parquet")
+    at = goto(app(tmp_path, monkeypatch), "diagnostics")
+    overview = at.dataframe[0].value
+    assert set(zip(overview["kind"], overview["metric"])) == {("weights", "cosine"), ("activations", "variance")}
+    assert overview.set_index("metric").loc["cosine", "rows"] == 12
+    assert len(at.get("vega_lite_chart")) == 1 and at.selectbox(key="diag_kind").value == "activations"
+    at.selectbox(key="diag_kind").set_value("weights").run()  # pairwise metric: a model x model heatmap
+    assert not at.exception and at.selectbox(key="diag_metric").value == "cosine"
+    assert len(at.get("vega_lite_chart")) == 1

@@ -254,7 +254,7 @@ def test_measure_records_wall_time_and_this_blocks_peak_memory():
     del big
     with store.measure("merge", out):
         x = np.ones(24_000_000 // 8)
-        before_free = store._vm_hwm_bytes()
+        before_free = store.peak_rss_bytes()
         del x
     assert out["merge_wall_s"] >= 0
     assert out["merge_peak_rss_bytes"] == pytest.approx(before_free, rel=0.05)

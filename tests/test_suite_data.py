@@ -63,8 +63,10 @@ def test_manifest_matches_files(manifest):
 
 
 def test_suites_stay_small():
-    total = sum(p.stat().st_size for p in SUITES.rglob("*") if p.is_file())
-    assert total < 5_000_000, f"suites/ is {total / 1e6:.1f} MB"
+    """Task data and configs stay small; the expert adapters have their own budget (test_zoo_pool)."""
+    experts = SUITES / "embedded" / "experts"
+    total = sum(p.stat().st_size for p in SUITES.rglob("*") if p.is_file() and experts not in p.parents)
+    assert total < 5_000_000, f"suites/ (without the expert adapters) is {total / 1e6:.1f} MB"
 
 
 def test_sizes_are_what_the_benchmark_needs(manifest):

@@ -11,7 +11,6 @@ inputs, whatever the model size.
 from __future__ import annotations
 
 import json
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..methods import (
     module_kind,
     tensor_seed,
 )
+from ..memory import peak_rss_bytes, reset_peak_rss
 from ..request import MergeRequest
 from .checkpoint import Checkpoint, open_checkpoint
 from .compat import MergePlan, Source, TensorPlan, plan_merge
@@ -137,24 +137,6 @@ def _validate(request: MergeRequest) -> tuple[MethodSpec, dict[str, Any], torch.
 # -- memory and progress helpers -------------------------------------------------------------
 
 
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
-    except OSError:
-        pass
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (VmHWM on Linux, else ru_maxrss)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class _Progress:
     """Tensors done and GB/s of input read; a no-op when disabled."""
 
@@ -231,7 +213,7 @@ def merge(
     any weight, and ``FileExistsError`` for a non-empty ``out`` without ``overwrite``.
     """
     t_start = time.perf_counter()
-    _reset_peak_rss()
+    reset_peak_rss()
     timings: dict[str, float] = {}
     spec, params, weights = _validate(request)
     dest = Path(out).expanduser().resolve() if out is not None else None

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .train import ExpertSpec
@@ -46,6 +47,14 @@ EXPERTS: tuple[ExpertSpec, ...] = (
     ExpertSpec("news", ("news",), steps=30, lr=5e-4, rank=8, targets="attn", seed=13, batch_size=4, tags={"domain": GEN, "task": "mb_news"}),
 )
 MATH = ("gsm8k-answer", "gsm8k-solution", "calc")
+KNOWN_WEAK = {
+    "gsm8k-answer": "GSM8K answer ranking stays near the base (validation 0.19 vs 0.17): 60 steps "
+    "on 969 word problems do not teach a 135M model arithmetic; needs a larger budget",
+    "gsm8k-solution": "no gain on GSM8K answer ranking (0.17 vs 0.17) after 30 steps on worked solutions",
+}
+"""Experts that do not (yet) beat the base on their own validation task by a clear margin,
+with the reason; reported in suites/README.md and checked by tests/test_zoo_pool.py so the
+list stays true (an expert that starts winning must leave it)."""
 MEDICAL = ("med-terms", "med-defs", "med-both")
 
 
@@ -122,6 +131,22 @@ def revalidate(cache_dir: Path | None = None, log=print) -> dict:
     return manifest
 
 
+@contextmanager
+def _atomic_folder(target: Path):
+    """A temporary sibling folder renamed to ``target`` (replacing it) on success and removed on
+    failure, so no reader ever sees a half-written adapter or checkpoint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _clean_adapter(folder: Path) -> None:
     """Drop peft's generated model card and the machine-specific base path, so the committed
     files (and their sha256s) do not depend on where the pool was built."""
@@ -165,19 +190,12 @@ def build(names: list[str] | None = None, base: Path | None = None, log=print) -
         log(f"training {spec.name} ({spec.steps} steps, rank {spec.rank}, {spec.targets}) ...")
         result = train_expert(spec, (model, tok), log_every=max(1, spec.steps // 5))
         val = _own_validation(spec, result.model, tok)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out_dir))
-        try:
+        target = out_dir / spec.name
+        with _atomic_folder(target) as tmp:
             result.save_adapter(tmp)
             _clean_adapter(tmp)
             weights = tmp / "adapter_model.safetensors"
             save_file({k: v.to(torch.float16).contiguous() for k, v in load_file(str(weights)).items()}, str(weights))
-            target = out_dir / spec.name
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         manifest["experts"][spec.name] = {
             "spec": spec.to_dict(),
             "tags": spec.tags,
@@ -246,18 +264,11 @@ def materialize(cache_dir: Path | None = None, names: list[str] | None = None, l
         tok = tok or AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         merged = PeftModel.from_pretrained(model, pool_dir() / name).merge_and_unload()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-        try:
+        with _atomic_folder(target) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
-            (tmp / "mergebench_expert.json").write_text(json.dumps({"pool": POOL_NAME, "expert": name, "tags": entry["tags"], "adapter_files": entry["files"]}, indent=1))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            stamp = {"pool": POOL_NAME, "expert": name, "tags": entry["tags"], "adapter_files": entry["files"]}
+            (tmp / "mergebench_expert.json").write_text(json.dumps(stamp, indent=1))
         log(f"materialized {name} in {time.perf_counter() - t0:.1f} s -> {target}")
     return paths
 
