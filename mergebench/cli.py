@@ -21,6 +21,16 @@ console = Console(stderr=True)
 out = Console()
 
 
+@app.callback()
+def _offline() -> None:
+    """mergebench never downloads: hub models and datasets come from the local caches only, and
+    a cache miss fails at once instead of retrying against an unreachable hub."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
 class UsageError(Exception):
     """A user mistake reported as one line, exit code 2."""
 
