@@ -325,7 +325,7 @@ def summarize(plan: EvalPlan, results_dir: str | Path = store.DEFAULT_RESULTS_DI
     # their own tasks in the merging loss instead.
     compared = metrics.compare_to_references(scores)
     table = metrics.summary_by_n(compared)
-    table = table[table["role"] == "merged"].reset_index(drop=True)
+    table = table[table["role"] == "merged"].sort_values("n").reset_index(drop=True)
     loss = None
     if "merging_loss" in plan.profile.report:
         task_expert = {}
