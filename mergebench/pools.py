@@ -487,16 +487,23 @@ def _manifest_experts(pool_name: str, manifest: Path) -> list[dict]:
     return out
 
 
-def _load_pool_file(path: Path) -> Pool:
-    data = read_yaml(path)
+def validate_named_file(model: type[BaseModel], path: Path, data: dict, kind: str):
+    """Validate a config file's content; its ``name`` must match the file's stem (errors name
+    the file and field). Shared by pool and suite files."""
     try:
-        pool = Pool.model_validate(data)
+        obj = model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from None
-    if pool.name != path.stem:
+    if obj.name != path.stem:
         raise ConfigError(
-            f"{path}: name: the pool is called {pool.name!r} but the file is {path.name} (they must match)"
+            f"{path}: name: the {kind} is called {obj.name!r} but the file is {path.name} (they must match)"
         )
+    return obj
+
+
+def _load_pool_file(path: Path) -> Pool:
+    data = read_yaml(path)
+    pool = validate_named_file(Pool, path, data, "pool")
     if pool.experts_manifest:
         if data.get("experts"):
             raise ConfigError(f"{path}: experts: give experts or experts_manifest, not both")

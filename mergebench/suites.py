@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from . import sampling
-from .pools import ConfigError, Pool, format_validation_error, read_yaml, suites_root, tag_values
+from .pools import ConfigError, Pool, read_yaml, suites_root, tag_values, validate_named_file
 from .sampling import DocSample, Subset
 
 __all__ = [
@@ -556,15 +556,7 @@ def suite_names() -> list[str]:
 
 
 def _load_suite_file(path: Path) -> Suite:
-    data = _expand_profiles(path, read_yaml(path))
-    try:
-        suite = Suite.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(path, exc)) from None
-    if suite.name != path.stem:
-        raise ConfigError(
-            f"{path}: name: the suite is called {suite.name!r} but the file is {path.name} (they must match)"
-        )
+    suite = validate_named_file(Suite, path, _expand_profiles(path, read_yaml(path)), "suite")
     suite._file = path
     return suite
 
