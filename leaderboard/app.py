@@ -87,7 +87,9 @@ HELP = {"score": "mean headline score over the selected units (published: the pa
         "p_gt_best_expert": "share of merged units above the pool's best single expert",
         "gain_vs_best_expert_pp": "mean gain over the pool's best single expert, percentage points",
         "merge_wall_s": "mean merge wall time per unit (provenance)", "merge_peak_gib": "max peak RSS of a merge",
-        "source": "reproduced here (source=run) or transcribed from a seed paper (source=paper)"}
+        "source": "reproduced here (source=run) or transcribed from a seed paper (source=paper)",
+        "tuned": "how the parameters were chosen: on the validation split by `mergebench sweep --tune` (trials "
+                 "tried / grid size, validation documents), or default (given, not tuned)"}
 NUM = {"score": "{:.4f}", "mean": "{:.4f}", "std": "{:.4f}", "value": "{:.4f}", "mean_score": "{:.4f}",
        "p_best": "{:.2f}", "p_gt_base": "{:.2f}", "p_gt_best_expert": "{:.2f}", "gain_vs_base_pp": "{:+.2f}",
        "gain_vs_best_expert_pp": "{:+.2f}", "merge_wall_s": "{:.2f}", "merge_peak_gib": "{:.2f}",
@@ -117,7 +119,11 @@ def page_ranking():
     if rank.empty:
         st.info("No rows match these filters.")
         return
-    st.markdown("Methods ranked by the mean **headline score** (unweighted mean of each task's headline metric) "
+    by_loss = len(run) > 0 and "merging_loss_pct" in run and run["score"].isna().all()
+    headline = ("the mean **merging loss** (seed 004 eq. 1: % of each task's own expert's score kept or lost, "
+                "0 = none lost, higher is better; merges are scored on their members' tasks)" if by_loss else
+                "the mean **headline score** (unweighted mean of each task's headline metric)")
+    st.markdown(f"Methods ranked by {headline} "
                 "over the selected merged units; CI = 95 % bootstrap, rank interval = 95 % bootstrap of the rank. "
                 ":blue-background[reproduced] rows were measured here (`source=run`); "
                 ":orange-background[published] rows are the seeds' printed numbers (`source=paper`), shown "
@@ -128,10 +134,12 @@ def page_ranking():
     if runs.empty:
         st.info("No reproduced rows for these filters yet: run `mergebench eval` (results land in the store).")
     else:
-        runs.insert(runs.columns.get_loc("ci_low"), "ci", runs["ci_low"].map("{:.4f}".format) + " – "
-                    + runs["ci_high"].map("{:.4f}".format))
+        fmt = ("{:+.1f}" if by_loss else "{:.4f}").format
+        runs.insert(runs.columns.get_loc("ci_low"), "ci", runs["ci_low"].map(fmt) + " – " + runs["ci_high"].map(fmt))
         runs.insert(runs.columns.get_loc("rank_low"), "ranks", runs["rank_low"].astype("string") + " – "
                     + runs["rank_high"].astype("string"))
+        marks = runs[["method", "params"]].merge(queries.tuned(RESULTS, SIG, filters), how="left")["tuned"]
+        runs.insert(runs.columns.get_loc("method") + 1, "tuned", marks.fillna("default").to_numpy())
         table(runs.drop(columns=["ci_low", "ci_high", "rank_low", "rank_high"]),
               height=min(640, 38 + 35 * len(runs)))
     st.subheader("Published (source=paper)")
@@ -141,8 +149,9 @@ def page_ranking():
         lead = ["source", "table", "pool", "n", "method", "label"]
         table(pubs[lead + [c for c in pubs.columns if c not in lead]], height=min(520, 38 + 35 * len(pubs)))
     if len(run):
-        st.subheader("Score with 95 % bootstrap CI (reproduced)")
-        st.altair_chart(charts.ranking_ci(rank), width="stretch")
+        st.subheader(f"{'Merging loss (%)' if by_loss else 'Score'} with 95 % bootstrap CI (reproduced)")
+        shown_ci = rank.assign(score=rank["merging_loss_pct"]) if by_loss else rank
+        st.altair_chart(charts.ranking_ci(shown_ci, "merging loss %" if by_loss else "headline score"), width="stretch")
 
 
 def page_scaling():
@@ -198,7 +207,16 @@ def page_diagnostics():
         return
     st.markdown("Diagnostics stored for this selection (rows per pool, kind, metric and scope):")
     table(diag)
-    kinds = sorted(diag["kind"].unique())
+    stats = report.diagnostic_stats(con, pool)
+    if not stats.empty:
+        st.subheader("Why merges fail: ANOVA of merging loss and correlations with it (`mergebench stats`)")
+        st.caption("by_task / by_method: one-way ANOVA F of the per-task merging loss (seed 004 Table 3); "
+                   "other rows: Pearson r of a pairwise diagnostic (pairwise merges) or of MDS (merge of all, "
+                   "best method) with the merging loss (Tables 4-5). p < 0.05 is significant.")
+        table(stats)
+    kinds = sorted(k for k in diag["kind"].unique() if k != "stats")
+    if not kinds:
+        return
     kind = st.selectbox("Kind", kinds, key="diag_kind")
     metric = st.selectbox("Metric", sorted(diag[diag["kind"] == kind]["metric"].unique()), key="diag_metric")
     v = report.diagnostic_values(con, kind, metric, pool)

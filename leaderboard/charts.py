@@ -8,13 +8,13 @@ import pandas as pd
 SOURCE_COLORS = alt.Scale(domain=["run", "paper"], range=["#1f77b4", "#ff7f0e"])
 
 
-def ranking_ci(rank: pd.DataFrame) -> alt.Chart:
-    """Mean headline score with its bootstrap CI per method (reproduced rows)."""
+def ranking_ci(rank: pd.DataFrame, title: str = "headline score") -> alt.Chart:
+    """Mean headline score (or merging loss) with its bootstrap CI per method (reproduced rows)."""
     d = rank[rank["source"] == "run"]
     order = d.sort_values("score", ascending=False)["method"].tolist()
     base = alt.Chart(d).encode(y=alt.Y("method:N", sort=order, title=None))
     bars = base.mark_rule(strokeWidth=3, color="#9ecae1").encode(
-        x=alt.X("ci_low:Q", title="headline score (mean, 95% bootstrap CI)", scale=alt.Scale(zero=False)), x2="ci_high:Q")
+        x=alt.X("ci_low:Q", title=f"{title} (mean, 95% bootstrap CI)", scale=alt.Scale(zero=False)), x2="ci_high:Q")
     pts = base.mark_point(filled=True, size=70, color="#1f77b4").encode(
         x="score:Q", tooltip=["method", alt.Tooltip("score:Q", format=".4f"), alt.Tooltip("ci_low:Q", format=".4f"),
                               alt.Tooltip("ci_high:Q", format=".4f"), "rank_low", "rank_high", "n_units"])

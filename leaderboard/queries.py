@@ -56,6 +56,15 @@ def ranking(path: str, sig: tuple, filters: dict):
 
 
 @st.cache_data(show_spinner=False)
+def tuned(path: str, sig: tuple, filters: dict):
+    """Per (method, params): `tuned (trials, validation docs)` for settings chosen by `mergebench sweep --tune`."""
+    from mergebench.sweep.tune import tuned_variants
+
+    where, params = _f(filters).where()
+    return tuned_variants(connection(path, sig), where, params)
+
+
+@st.cache_data(show_spinner=False)
 def scaling(path: str, sig: tuple, filters: dict):
     con = connection(path, sig)
     return report.scaling(con, _f(filters)), report.paper_scaling(con, _f(filters))

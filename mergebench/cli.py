@@ -261,16 +261,15 @@ def plan_cmd(
         _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
     _describe_plan(plan)
     pending = {u.unit.unit_id for u in plan.pending(results)}
-    docs = {t: len(i) for t, i in plan.samples.items()}
     t = Table(title="units of work")
     for col in ("role", "subset", "tasks", "docs", "status"):
         t.add_column(col)
     for u in plan.units:
-        n_docs = sum(docs.get(x.name, 0) for x in u.tasks)
+        n_docs = plan.n_docs(u.tasks)
         t.add_row(u.role, ", ".join(u.members), str(len(u.tasks)), str(n_docs), "to do" if u.unit.unit_id in pending else "cached")
     out.print(t)
     todo = [u for u in plan.units if u.unit.unit_id in pending]
-    n_docs = sum(docs.get(x.name, 0) for u in todo for x in u.tasks)
+    n_docs = sum(plan.n_docs(u.tasks) for u in todo)
     merges = sum(u.role == "merged" for u in todo)
     console.print(
         f"{len(todo)} of {len(plan.units)} unit(s) to run: {merges} merge(s), {n_docs} documents. Estimate on 2 CPU "
@@ -278,6 +277,57 @@ def plan_cmd(
         " larger models scale with their size.",
         highlight=False,
     )
+
+
+@app.command("sweep")
+def sweep_cmd(
+    suite: Annotated[str, typer.Option(help="suite name (see `mergebench suites`)")],
+    methods: Annotated[str, typer.Option(help="comma-separated merge methods")],
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="key=v1,v2,... (repeatable); a key applies to the methods that have that parameter")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="fixed method parameter key=value (where it fits), or a pool placeholder KEY=value")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="pool (default: the profile's)")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="suite profile")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="sampler / merge seed (default: the suite's)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    results: Annotated[Path, typer.Option(help="results folder (Parquet store; shared by every Ray node)")] = Path("results"),
+    quick: Annotated[bool, typer.Option(help="the CI-sized profile")] = False,
+    executor: Annotated[str, typer.Option(help="local (this process) or ray")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a Ray instance on this machine)")] = None,
+    tune: Annotated[bool, typer.Option(help="choose each method's setting on the validation split, then score it on test")] = False,
+    trials: Annotated[int, typer.Option(help="--tune: grid points tried per method (a seeded subset when the grid is larger)")] = 8,
+    tune_seed: Annotated[int, typer.Option(help="--tune: seed of the trial subset")] = 0,
+    dry_run: Annotated[bool, typer.Option(help="show the units and a cost estimate; run nothing")] = False,
+    cpus_per_unit: Annotated[float, typer.Option(help="Ray: CPUs one unit reserves")] = 1.0,
+    gpus_per_unit: Annotated[Optional[float], typer.Option(help="Ray: GPUs one unit reserves (default: 1 with --device cuda, else 0)")] = None,
+    memory_per_unit: Annotated[Optional[float], typer.Option(help="Ray: GiB one unit reserves (default: estimated from the pool)")] = None,
+    max_retries: Annotated[int, typer.Option(help="Ray: retries of a unit whose worker or node died")] = 3,
+    no_progress: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Run methods x hyperparameter grid x the suite's subsets (locally or on Ray); resumable."""
+    from .methods import ParameterError
+    from .pools import MissingModelsError, PoolError
+    from .suites import SuiteError
+    from .sweep.command import SweepRequest, execute
+    from .sweep.executors import UnitResources
+    from .sweep.grid import parse_grid
+
+    try:
+        sets = parse_sets(set_)
+        req = SweepRequest(
+            suite=suite, methods=_split(methods), grid=parse_grid(grid),
+            params={k: v for k, v in sets.items() if not k.isupper()}, values={k: v for k, v in sets.items() if k.isupper()},
+            pool=pool, profile=profile, seed=seed, quick=quick, device=device, results=results, executor=executor,
+            address=address, tune=tune, trials=trials, tune_seed=tune_seed, dry_run=dry_run, max_retries=max_retries,
+            resources=UnitResources(cpus_per_unit, (1.0 if device.startswith("cuda") else 0.0) if gpus_per_unit is None
+                                    else gpus_per_unit, None if memory_per_unit is None else int(memory_per_unit * 2**30)),
+            progress=not no_progress,
+        )
+        code = execute(req, console, out)
+    except MissingModelsError as exc:
+        _fail(f"{exc}\n(run `mergebench zoo materialize` for the embedded pool; --dry-run never builds models)", 3)
+    except (UsageError, ParameterError, PoolError, SuiteError, KeyError, ValueError, FileNotFoundError, ImportError) as exc:
+        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    raise typer.Exit(code)
 
 
 @app.command("sql")
@@ -387,6 +437,69 @@ def diagnose_cmd(
         console.print(line, highlight=False)
     written = sum(u.written for u in out["units"])
     console.print(f"{written} diagnostic unit(s) written to {results} ({len(out['units']) - written} already stored)")
+
+
+@app.command("stats")
+def stats_cmd(
+    suite: Annotated[str, typer.Option(help="a suite with a merging-loss report (e.g. glue)")] = "glue",
+    profile: Annotated[Optional[str], typer.Option(help="suite profile (default: the suite's default)")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="pool (default: the profile's first)")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="comma-separated methods (default: every method stored)")] = None,
+    results: Annotated[Path, typer.Option(help="results folder (Parquet store)")] = Path("results"),
+    write: Annotated[bool, typer.Option(help="store the statistics in the diagnostics table")] = True,
+) -> None:
+    """Seed 004 Tables 3-5 on stored runs: ANOVA of merging loss by task vs by method; Pearson of
+    conflict metrics / HiddenSim (pairwise merges) and MDS (merge of all) against merging loss."""
+    from .diagnostics.failure import failure_statistics, load_failure_inputs
+    from .diagnostics.store import DiagUnit, write_diagnostics
+    from .diagnostics.stats import stats_rows
+    from .pools import PoolError
+    from .store import new_run_id
+
+    try:
+        losses, diag, ctx = load_failure_inputs(results, suite, profile=profile, pool=pool, methods=_split(methods))
+    except (PoolError, ValueError, FileNotFoundError, KeyError) as exc:
+        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    st = failure_statistics(losses, diag)
+    console.print(f"[bold]{ctx['suite']}:{ctx['profile']}[/] on pool {ctx['pool']}: {losses['unit_id'].nunique()} "
+                  f"merged unit(s), {len(losses)} (unit, task) merging losses, methods: "
+                  f"{', '.join(sorted(losses['method'].unique()))}", highlight=False)
+    table = Table(title="One-way ANOVA of merging loss (seed 004 Table 3)")
+    for col in ("factor", "groups", "n", "F", "p"):
+        table.add_column(col)
+    for a in st.anova.values():
+        table.add_row(a.factor, str(a.n_groups), str(a.n), f"{a.f:.3g}", f"{a.p:.3g}")
+    console.print(table)
+    pf = st.pearson_frame()
+    table = Table(title="Pearson correlation with merging loss (seed 004 Tables 4-5)")
+    for col in ("scope", "metric", "n", "r", "p"):
+        table.add_column(col)
+    for r in pf.itertuples():
+        table.add_row(r.scope, r.metric, str(r.n), f"{r.r:+.3f}", f"{r.p:.3g}")
+    console.print(table)
+    for note in st.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if st.notes and any("diagnose" in n for n in st.notes):
+        console.print(f"  {ctx['diagnose_hint']}", highlight=False)
+    if write:
+        import hashlib
+
+        run_id = new_run_id()
+        key = hashlib.sha256(",".join(sorted(losses["unit_id"].unique())).encode()).hexdigest()[:16]
+        settings = {"suite": ctx["suite"], "profile": ctx["profile"], "units": key,
+                    "diagnostics": sorted(diag["unit_id"].unique().tolist())}
+        scopes = {None: (st.anova, {"mds": st.mds_pearson} if st.mds_pearson else {})}
+        for scope, res in st.pair_pearson.items():
+            m = None if scope == "all methods" else scope
+            prev = scopes.get(m, ({}, {}))
+            scopes[m] = (prev[0], {**prev[1], **res})
+        written = 0
+        for m, (anova, pears) in scopes.items():
+            rows = stats_rows(anova, pears)
+            if rows:
+                unit = DiagUnit("stats", pool=ctx["pool"], subset=tuple(ctx["experts"]), method=m, settings=settings)
+                written += write_diagnostics(unit, rows, run_id=run_id, results_dir=results).written
+        console.print(f"{written} statistics unit(s) written to {results}", highlight=False)
 
 
 @app.command("leaderboard")

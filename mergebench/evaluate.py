@@ -44,8 +44,11 @@ def evaluate_model(
 ) -> list[TaskScore]:
     """Evaluate ``model`` on ``tasks`` (zero-shot unless the task config says otherwise).
 
-    ``samples`` maps a task to the document indices to score (seeded lists from
-    :mod:`mergebench.sampling`); tasks absent from it are scored on every document.
+    ``samples`` maps an lm-eval *leaf* task to the document indices to score (seeded lists from
+    :mod:`mergebench.sampling`): lm-eval looks ``samples`` up by leaf task name only, so a group
+    is subsampled through its leaves' entries and still reports its aggregate. Leaves absent
+    from it are scored on every document; entries for tasks not evaluated here are ignored, and
+    an entry keyed by a group is refused (lm-eval would silently score every document).
     ``fewshot`` sets the number of in-context examples per task (or group: all its subtasks),
     since lm-eval's own ``num_fewshot`` is one value for every task.
     """
@@ -56,16 +59,27 @@ def evaluate_model(
 
     # lm-eval warns on every call that an in-memory model is not a string; that is the point here
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    samples = {t: list(map(int, idx)) for t, idx in (samples or {}).items() if t in tasks}
-    specs: list = list(tasks)
+    loaded = task_manager.load(list(tasks))
+    keyed_by_group = sorted(set(samples or {}) & set(loaded["groups"]))
+    if keyed_by_group:
+        raise ValueError(
+            f"document samples for group(s) {', '.join(keyed_by_group)}: lm-eval looks samples up by leaf "
+            "task, so give one index list per subtask"
+        )
+    chosen = {t: list(map(int, idx)) for t, idx in (samples or {}).items() if t in loaded["tasks"]}
     if fewshot:
-        specs = _with_fewshot(task_manager, list(tasks), fewshot)
+        _set_fewshot(loaded, fewshot)
+    # the loaded objects (lm-eval would build every task again from names): each named group, and
+    # every leaf not under one (plain tasks, and the tasks a tag stands for)
+    groups = [loaded["groups"][n] for n in tasks if n in loaded["groups"]]
+    grouped = {t.task_name for g in groups for t in g.get_all_tasks()}
+    specs = groups + [t for name, t in loaded["tasks"].items() if name not in grouped]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=specs,
         task_manager=task_manager,
-        samples=samples or None,
+        samples=chosen or None,
         use_cache=None,
         log_samples=False,
         verbosity="WARNING",
@@ -74,8 +88,9 @@ def evaluate_model(
     n_docs = out.get("n-samples", {})
     for task, metrics in out["results"].items():
         if task not in tasks:
-            continue  # group aggregates
-        n = n_docs.get(task, {}).get("effective", 0)
+            continue  # subtasks and subgroups of a requested group
+        # a group has no n-samples entry; its sample_len is the sum over its leaves
+        n = n_docs.get(task, {}).get("effective", metrics.get("sample_len", 0))
         for key, value in metrics.items():
             if any(key.startswith(s) for s in _SKIP) or "_stderr" in key or not isinstance(value, (int, float)):
                 continue
@@ -86,9 +101,8 @@ def evaluate_model(
     return scores
 
 
-def _with_fewshot(task_manager, tasks: list[str], fewshot: Mapping[str, int]) -> list:
-    """Task/group objects with ``num_fewshot`` set on every leaf task of each named task."""
-    loaded = task_manager.load(tasks)
+def _set_fewshot(loaded: dict, fewshot: Mapping[str, int]) -> None:
+    """Set ``num_fewshot`` on every leaf task of each named task in ``TaskManager.load``'s result."""
     children = loaded.get("group_map", {})
 
     def leaves(name: str) -> list[str]:
@@ -99,4 +113,3 @@ def _with_fewshot(task_manager, tasks: list[str], fewshot: Mapping[str, int]) ->
     for name, k in fewshot.items():
         for leaf in leaves(name):
             loaded["tasks"][leaf].set_config(key="num_fewshot", value=int(k))
-    return [loaded["tasks"].get(n) or loaded["groups"][n] for n in tasks]

@@ -63,6 +63,44 @@ def headline_map() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["suite", "profile", "task", "metric"]).drop_duplicates()
 
 
+def loss_profiles() -> set[tuple[str, str]]:
+    """(suite, profile) pairs whose headline is the merging loss (seed 004 eq. 1), not the score."""
+    out = set()
+    try:
+        from mergebench.suites import list_suites
+
+        for s in list_suites():
+            for pname, prof in s.profiles.items():
+                if "merging_loss" in (getattr(prof, "report", None) or []):
+                    out.add((s.name, pname))
+    except Exception:  # noqa: BLE001 - same policy as headline_map
+        pass
+    return out
+
+
+def unit_merging_loss(con, f: Filters, merged: pd.DataFrame) -> pd.Series:
+    """Mean merging loss (%) per merged unit, over the unit's tasks whose own expert was merged.
+
+    Each task's expert is the single expert reference scored on it in the selection (a
+    glue-style profile scores every expert on its own task only); a task scored by several
+    experts has no defined expert and is left out.
+    """
+    where, params = f.where(refs=True)
+    keys = ", ".join(metrics.GROUP_KEYS)
+    rows = df(con, f"SELECT unit_id, {keys}, role, subset, method, n, task, value FROM headline_rows "
+                   f"WHERE role IN ('merged', 'expert') AND {where}", params)
+    ex = rows[rows["role"] == "expert"]
+    owners = ex.assign(expert=_first(ex["subset"])).groupby("task")["expert"].unique()
+    task_expert = {t: e[0] for t, e in owners.items() if len(e) == 1}
+    m = rows[rows["unit_id"].isin(merged["unit_id"])]
+    loss = metrics.merging_loss(m, ex, task_expert)
+    return metrics.average_merging_loss(loss).set_index("unit_id")["merging_loss_pct"]
+
+
+def _first(subset: pd.Series) -> pd.Series:
+    return subset.map(lambda s: s[0] if s is not None and len(s) else None)
+
+
 def connect(results_dir: str | os.PathLike = store.DEFAULT_RESULTS_DIR, paper_dir: str | os.PathLike | None = None):
     """DuckDB connection with the store's views plus ``task_metric`` and ``unit_scores``.
 
@@ -227,6 +265,14 @@ def run_ranking(con, f: Filters, *, n_boot_ci: int = N_BOOT_CI, n_boot_rank: int
     comp = metrics.compare_to_references(units)
     comp = comp[comp["role"] == "merged"].copy()
     comp["variant"] = _variant(comp)
+    by_loss = set(zip(comp["suite"], comp["profile"].fillna(""))) <= loss_profiles()
+    if by_loss:  # glue-style: merges are scored on their members' tasks; rank by merging loss
+        comp["score"] = comp["unit_id"].map(unit_merging_loss(con, f, comp))
+        comp = comp[comp["score"].notna()]
+        for c in ("beats_base", "gain_vs_base_pp", "beats_best_expert", "gain_vs_best_expert_pp"):
+            comp[c] = np.nan
+        if comp.empty:
+            return pd.DataFrame(columns=RANKING_COLUMNS + ["merging_loss_pct"])
     ci = metrics.bootstrap_ci_by(comp, ["variant"], n_boot=n_boot_ci, seed=seed)
     ri = metrics.rank_intervals(comp, method_col="variant", n_boot=n_boot_rank, seed=seed)
     g = comp.groupby("variant", sort=True)
@@ -244,6 +290,8 @@ def run_ranking(con, f: Filters, *, n_boot_ci: int = N_BOOT_CI, n_boot_rank: int
     out["source"] = "run"
     out["table"] = None
     out = out.sort_values(["rank", "score"], ascending=[True, False]).reset_index(drop=True)
+    if by_loss:  # the bootstrap CI and rank intervals above are over the units' merging losses
+        return out.assign(merging_loss_pct=out["score"], score=np.nan)[RANKING_COLUMNS + ["merging_loss_pct"]]
     return out[RANKING_COLUMNS]
 
 
@@ -283,8 +331,8 @@ def ranking(con, f: Filters, **kw) -> pd.DataFrame:
     extra = [c for c in ("pool", "n", "label", "merging_loss_pct") if c in pap]
     if run.empty:
         return pap[RANKING_COLUMNS + extra]
-    return pd.concat([run.astype({"rank": "Int64", "rank_low": "Int64", "rank_high": "Int64"}),
-                      pap[RANKING_COLUMNS + extra]], ignore_index=True)
+    run = run.astype({"rank": "Int64", "rank_low": "Int64", "rank_high": "Int64"})
+    return pd.concat([run, pap[RANKING_COLUMNS + extra]], ignore_index=True)
 
 
 # --------------------------------------------------------------------------- other pages
@@ -392,6 +440,21 @@ def diagnostic_values(con, kind: str, metric: str, pool: str | None = None) -> p
                              try_cast(regexp_extract(layer, '(\\d+)$', 1) AS INTEGER) AS layer_index
                       FROM diagnostics WHERE kind = ? AND metric = ? AND (? IS NULL OR pool = ?)
                       GROUP BY ALL ORDER BY ALL""", [kind, metric, pool, pool])
+
+
+def diagnostic_stats(con, pool: str | None = None) -> pd.DataFrame:
+    """`mergebench stats` results (seed 004 Tables 3-5), one row per test: scope (a method, or
+    all methods), test (``by_task`` / ``by_method`` ANOVA, or the diagnostic correlated with
+    merging loss), statistic (F or Pearson r), p-value and n."""
+    names = set(df(con, "SELECT table_name FROM information_schema.tables")["table_name"])
+    if "diagnostics" not in names:
+        return pd.DataFrame(columns=["pool", "scope", "test", "statistic", "p", "n"])
+    return df(con, """SELECT pool, coalesce(method, 'all methods') AS scope, model AS test,
+                             max(value) FILTER (WHERE metric IN ('anova_f', 'pearson_r')) AS statistic,
+                             max(value) FILTER (WHERE metric IN ('anova_p', 'pearson_p')) AS p,
+                             max(n) AS n
+                      FROM diagnostics WHERE kind = 'stats' AND (? IS NULL OR pool = ?)
+                      GROUP BY ALL ORDER BY ALL""", [pool, pool])
 
 
 # ---------------------------------------------------------------------------------- reports

@@ -25,7 +25,7 @@ from typing import Any
 from . import metrics, store
 from .methods import MethodSpec, ParameterError, get_method
 from .pools import Pool, load_pool, validate_pool_compatibility
-from .sampling import Subset, samples_argument
+from .sampling import DocSample, Subset, samples_argument
 from .suites import Profile, Suite, TaskSpec, load_suite
 
 __all__ = ["EvalPlan", "WorkUnit", "plan_eval", "run_eval", "summarize"]
@@ -61,6 +61,11 @@ class EvalPlan:
     references: list[WorkUnit] = field(default_factory=list)
     merges: list[WorkUnit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    task_leaves: dict[str, list[str]] = field(default_factory=dict)  # suite task -> lm-eval tasks sampled
+
+    def n_docs(self, tasks: list[TaskSpec]) -> int:
+        """Documents scored for ``tasks`` (a group task counts the sampled documents of its leaves)."""
+        return sum(len(self.samples.get(leaf, [])) for t in tasks for leaf in self.task_leaves.get(t.name, [t.name]))
 
     @property
     def units(self) -> list[WorkUnit]:
@@ -83,28 +88,60 @@ def _task_manager(profile: Profile):
         return embedded.task_manager(profile.docs.split)
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(embedded._yaml_dir(profile.docs.split)))
+    groups = embedded.embedded_dir().parent / "lm_eval"  # groups the suites define over lm-eval tasks
+    return TaskManager(include_path=[str(embedded._yaml_dir(profile.docs.split)), str(groups)])
 
 
-def _doc_counts(profile: Profile, tm) -> dict[str, int]:
-    """Number of evaluation documents per task, needed to draw seeded indices."""
+def _task_leaves(profile: Profile, tm) -> dict[str, dict[str, int]]:
+    """Per suite task, the number of documents of each lm-eval task it scores: the task itself, or
+    every leaf of a group (lm-eval looks ``samples=`` up by leaf task name, never by group)."""
     if _is_embedded(profile.tasks):
         from .zoo.tasks import task_info
 
         info = task_info()
-        return {t.name: info[t.name]["counts"][profile.docs.split] for t in profile.tasks}
-    from lm_eval.tasks import get_task_dict
-
-    counts = {}
+        return {t.name: {t.name: info[t.name]["counts"][profile.docs.split]} for t in profile.tasks}
+    out = {}
     for t in profile.tasks:
-        task = get_task_dict([t.name], tm)[t.name]
-        if not hasattr(task, "eval_docs"):
+        loaded = tm.load([t.name])
+        group = loaded["groups"].get(t.name)
+        if t.name not in loaded["tasks"] and group is None:
             raise ParameterError(
-                f"task {t.name!r} is a group: a document budget needs per-subtask sampling, which this "
-                "version does not do; evaluate it on every document (docs budget: null)"
+                f"task {t.name!r} is a tag of {', '.join(sorted(loaded['tasks']))}, not a group: lm-eval reports "
+                "no score under that name; list those tasks instead, or a group that aggregates them"
             )
-        counts[t.name] = len(task.eval_docs)
-    return counts
+        if group is not None and not group.has_aggregation:
+            raise ParameterError(
+                f"group {t.name!r} has no aggregate_metric_list, so lm-eval reports no score for it; list its "
+                "subtasks instead"
+            )
+        out[t.name] = {leaf: len(task.eval_docs) for leaf, task in loaded["tasks"].items()}
+    return out
+
+
+def _doc_counts(profile: Profile, tm) -> dict[str, int]:
+    """Number of evaluation documents per lm-eval task to sample: each plain suite task and each
+    leaf of a group task (a group itself has no entry: its documents are drawn per leaf)."""
+    return {leaf: n for leaves in _task_leaves(profile, tm).values() for leaf, n in leaves.items()}
+
+
+def _doc_samples(profile: Profile, tm, leaves: dict[str, dict[str, int]] | None = None) -> dict[str, list[int]]:
+    """``samples=`` for lm-eval: seeded indices per plain task and per leaf of a group task.
+
+    A document budget applies to each leaf on its own (lm-eval's ``limit`` does the same), and a
+    leaf's indices are those it would get as a plain task. A leaf scored by two suite tasks must
+    get the same documents from both.
+    """
+    chosen: dict[str, tuple[str, DocSample]] = {}
+    for t, by_leaf in (leaves if leaves is not None else _task_leaves(profile, tm)).items():
+        for leaf, n in by_leaf.items():
+            sample = profile.doc_sample(t, n, subtask=leaf)
+            owner, prev = chosen.setdefault(leaf, (t, sample))
+            if prev.indices != sample.indices:
+                raise ParameterError(
+                    f"task {leaf!r} is scored by both {owner!r} and {t!r} with different document budgets; "
+                    "give them the same budget"
+                )
+    return samples_argument(s for _, s in chosen.values())
 
 
 def _identity(pool: Pool, name: str, fingerprint: str) -> str:
@@ -158,8 +195,8 @@ def plan_eval(
     report = validate_pool_compatibility(pool_obj, values=values)
     run_seed = prof.sampler.seed if seed is None else seed
     tm = _task_manager(prof)
-    counts = _doc_counts(prof, tm)
-    samples = samples_argument(prof.doc_sample(t, counts[t.name]) for t in prof.tasks)
+    leaves = _task_leaves(prof, tm)
+    samples = _doc_samples(prof, tm, leaves)
     doc_hash = store.doc_index_hash(samples)
     identities = {name: _identity(pool_obj, name, fp) for name, fp in report.fingerprints.items()}
     common = dict(
@@ -174,6 +211,7 @@ def plan_eval(
     plan = EvalPlan(
         suite=suite_obj, profile=prof, pool=pool_obj, method=spec, params=dict(given), seed=run_seed,
         paths=report.paths, identities=identities, samples=samples, doc_hash=doc_hash, task_manager=tm,
+        task_leaves={t: list(by_leaf) for t, by_leaf in leaves.items()},
         notes=list(report.notes),
     )
     refs = [("base", None)] if prof.references.base else []
@@ -254,10 +292,10 @@ def _run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size) -> tuple
         model, tok = _load_model(plan.paths[wu.members[0]], prof.eval.dtype)
     model.to(device)
     tasks = [t.name for t in wu.tasks]
-    samples = {t: plan.samples[t] for t in tasks if t in plan.samples}
     with store.measure("eval", prov, device):
+        # keyed by leaf task: evaluate_model picks the entries of this unit's tasks and groups
         scores = evaluate_model(
-            model, tok, tasks, plan.task_manager, samples=samples, batch_size=batch_size, device=device,
+            model, tok, tasks, plan.task_manager, samples=plan.samples, batch_size=batch_size, device=device,
             fewshot={t.name: t.fewshot for t in wu.tasks if t.fewshot},
         )
     return _rows(scores, wu.tasks), prov

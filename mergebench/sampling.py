@@ -29,7 +29,8 @@ Samples are **nested**: every document has a fixed pseudo-random priority
 ``BLAKE2b(seed, task, split, index)`` and a budget ``k`` keeps the ``k`` documents of lowest
 priority, so the sample of budget ``k`` is contained in the sample of any budget ``K >= k``
 (scores cached for a small budget are reused when it grows), and a document's priority does not
-depend on how many documents the task has.
+depend on how many documents the task has. lm-eval looks ``samples=`` up by leaf task, so a group
+(``mmlu``) is sampled once per leaf, each with the full budget (like lm-eval's ``limit``).
 """
 
 from __future__ import annotations

@@ -352,6 +352,7 @@ def write_unit(
     results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR,
     provenance: Mapping[str, Any] | None = None,
     source: str = "run",
+    exclusive: bool = False,
 ) -> WriteResult:
     """Store one unit's rows (task, metric, value[, stderr, n_docs, normalized_value]) atomically.
 
@@ -362,6 +363,11 @@ def write_unit(
     with the smallest name; readers may see both copies only inside that window, and a call
     that returned ``written=True`` may have had its copy replaced by an identical one.
     The provenance record (if any) is written first, so a unit with results always has it.
+
+    With ``exclusive`` (used by sweeps, whose units may be retried or duplicated by many workers)
+    the file is named by the unit alone, ``part-unit-<unit_id>.parquet``: racing writers commit
+    to the same name with a no-replace hard link, so exactly one wins and the unit is never
+    stored twice, not even for an instant. The rows still carry the writer's ``run_id``.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}")
@@ -393,7 +399,7 @@ def write_unit(
     if provenance is not None:
         write_provenance(provenance, run_id=run_id, unit=unit, results_dir=results_dir)
     part = _partition(results_dir, "runs", unit.suite, unit.method)
-    final = part / f"part-{run_id}-{uid}.parquet"
+    final = part / (f"part-unit-{uid}.parquet" if exclusive else f"part-{run_id}-{uid}.parquet")
     if not _atomic_write(table, final):
         return WriteResult(uid, final, False)
     # Race resolution: of all committed files of a unit, the lexicographically smallest survives.

@@ -253,3 +253,57 @@ def test_diagnostics_page_reads_the_diagnostics_view(tmp_path, monkeypatch):
     at.selectbox(key="diag_kind").set_value("weights").run()  # pairwise metric: a model x model heatmap
     assert not at.exception and at.selectbox(key="diag_metric").value == "cosine"
     assert len(at.get("vega_lite_chart")) == 1
+
+
+def test_diagnostics_page_shows_the_failure_statistics(tmp_path, monkeypatch):
+    from mergebench.diagnostics import anova_by_factor, pearson, stats_rows
+    from mergebench.diagnostics.store import DiagUnit, write_diagnostics
+
+    synthetic.small_store(tmp_path, methods={"linear": 0.0}, sizes=(2,))
+    data = {"merging_loss": [-1.0, -2.0, -30.0, -35.0, -1.5, -28.0], "task": list("aabbab"), "method": list("xyxyyx")}
+    anova = anova_by_factor(data, factors=("task", "method"))
+    r = pearson([0.9, 0.8, 0.2, 0.1], [-1.0, -2.0, -30.0, -35.0], metric="hidden_sim")
+    write_diagnostics(DiagUnit("stats", pool="smol", subset=("e1", "e2")), stats_rows(anova, {"hidden_sim": r}),
+                      run_id="20260101T000000Z-abcdef", results_dir=tmp_path)
+    at = goto(app(tmp_path, monkeypatch), "diagnostics")
+    assert not at.exception
+    stats = at.dataframe[1].value.set_index("test")
+    assert stats.loc["by_task", "statistic"] == pytest.approx(anova["task"].f)
+    assert stats.loc["by_method", "p"] == pytest.approx(anova["method"].p)
+    assert stats.loc["hidden_sim", "statistic"] == pytest.approx(r.r) and stats.loc["hidden_sim", "n"] == 4
+    assert set(stats["scope"]) == {"all methods"}
+
+
+def test_glue_style_suites_are_ranked_by_merging_loss(tmp_path, monkeypatch):
+    """Pairwise merges scored on their members' tasks: the ranking is by seed 004's merging loss,
+    recomputed here from the written values."""
+    common = dict(suite="glue", suite_version="1", profile="embedded", pool="smol", base_model="b", seed=0,
+                  doc_index_hash="h")
+    run = "20260101T000000Z-abcdef"
+    own = {"ea": ("mb_capitals", 0.80), "eb": ("mb_elements", 0.60), "ec": ("mb_antonyms", 0.90)}
+    store.write_unit(store.Unit(role="base", subset=("b",), **common),
+                     [{"task": t, "metric": "acc", "value": 0.5} for t, _ in own.values()], run_id=run,
+                     results_dir=tmp_path)
+    for e, (t, v) in own.items():
+        store.write_unit(store.Unit(role="expert", subset=(e,), **common), [{"task": t, "metric": "acc", "value": v}],
+                         run_id=run, results_dir=tmp_path)
+    kept = {"ties": 0.9, "linear": 0.7}  # share of each expert's score the merge keeps
+    expected = {}
+    for m, k in kept.items():
+        losses = []
+        for pair in (("ea", "eb"), ("ea", "ec"), ("eb", "ec")):
+            vals = [{"task": own[e][0], "metric": "acc", "value": own[e][1] * (k + 0.01 * i)} for i, e in enumerate(pair)]
+            store.write_unit(store.Unit(role="merged", subset=pair, method=m, method_version="1", **common), vals,
+                             run_id=run, results_dir=tmp_path)
+            losses += [((k + 0.01 * i) - 1) * 100 for i in range(2)]
+        expected[m] = np.mean(losses)  # every unit has two tasks: the unit mean of means is the plain mean
+    with report.connect(tmp_path) as con:
+        rank = report.ranking(con, report.Filters(suite="glue", profile="embedded"))
+    run_rows = rank[rank["source"] == "run"].set_index("method")
+    assert list(run_rows.index) == ["ties", "linear"]
+    for m, v in expected.items():
+        assert run_rows.loc[m, "merging_loss_pct"] == pytest.approx(v)
+        assert run_rows.loc[m, "ci_low"] - 1e-9 <= v <= run_rows.loc[m, "ci_high"] + 1e-9
+    assert run_rows["score"].isna().all() and run_rows["p_gt_base"].isna().all()
+    at = goto(app(tmp_path, monkeypatch), "ranking")
+    assert any("merging loss" in m.value for m in at.markdown)

@@ -206,10 +206,10 @@ def test_inthewild_tasks_and_fewshot_are_appendix_f():
     table = dict(re.findall(r"^(\w+)\t(\d+)$", part, re.M))
     assert len(table) == 16
     prof = load_suite("inthewild").profile("paper")
-    assert {t.name: t.fewshot for t in prof.tasks} == {k: int(v) for k, v in table.items()}
+    assert {t.seed_name or t.name: t.fewshot for t in prof.tasks} == {k: int(v) for k, v in table.items()}
     part = text[text.index("following Open LLM Leaderboard tasks:"):text.index("These benchmarks collectively")]
     listed = re.findall(r"`(\w+)`", part)
-    assert set(listed) == set(prof.task_names())
+    assert set(listed) == {t.seed_name or t.name for t in prof.tasks}
     assert prof.eval.dtype == "float16" and prof.eval.batch_size == "auto" and not prof.eval.apply_chat_template
     assert "float16 precision with `batch_size=auto`" in text
 
@@ -447,17 +447,30 @@ def test_zoo_package_is_optional_for_loading_suites(monkeypatch):
 
 
 def test_paper_task_names_exist_in_the_installed_lm_eval():
-    """Every hub task name is an lm-eval task, group or tag (text scan of lm-eval's task YAML,
-    no TaskManager: fast and offline)."""
+    """Every hub task name is an lm-eval task, group or tag, or a group of suites/lm_eval/ (text scan
+    of the task YAML, no TaskManager: fast and offline)."""
     import lm_eval
 
     root = Path(lm_eval.__file__).parent / "tasks"
     pattern = re.compile(r'^"?(?:task|group|tag)"?\s*:\s*"?([\w.\-]+)"?\s*$', re.M)
     known: set[str] = set()
-    for f in root.rglob("*.yaml"):
+    for f in [*root.rglob("*.yaml"), *(Path(__file__).parents[1] / "suites" / "lm_eval").glob("*.yaml")]:
         known.update(pattern.findall(f.read_text(errors="replace")))
     for suite in list_suites():
         for key, prof in suite.profiles.items():
             if key.startswith("paper"):
                 missing = [t.name for t in prof.tasks if t.name not in known]
                 assert not missing, (suite.name, key, missing)
+
+
+def test_headqa_is_a_group_that_aggregates_both_languages():
+    """lm-eval's `headqa` is a tag without a score; the suite's group reports one (no data needed)."""
+    from mergebench.runner import _task_manager
+
+    prof = load_suite("inthewild").profile("paper", pool="inthewild-qwen3-4b")
+    tm = _task_manager(prof)
+    cfg = tm._entry("headqa_en_es").cfg
+    assert cfg["task"] == ["headqa_en", "headqa_es"]
+    assert {m["metric"] for m in cfg["aggregate_metric_list"]} == {"acc", "acc_norm"}
+    assert "headqa" in tm.all_tags and "headqa_en_es" in tm.all_groups
+    assert "headqa_en_es" in prof.task_names()
