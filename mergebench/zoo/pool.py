@@ -32,8 +32,8 @@ MANIFEST_NAME = "pool.json"
 M, MED, GEN = "math", "medical", "general"
 
 EXPERTS: tuple[ExpertSpec, ...] = (
-    ExpertSpec("gsm8k-answer", ("gsm8k_mc",), steps=60, lr=1e-3, rank=8, targets="all", seed=1, tags={"domain": M, "task": "mb_gsm8k_mc"}),
-    ExpertSpec("gsm8k-solution", ("gsm8k_mc",), steps=30, lr=5e-4, rank=16, targets="attn", seed=2, batch_size=4, max_len=192, use_solution=True, tags={"domain": M, "task": "mb_gsm8k_mc"}),
+    ExpertSpec("gsm8k-answer", ("gsm8k_mc",), steps=300, lr=2e-3, rank=8, targets="all", seed=1, tags={"domain": M, "task": "mb_gsm8k_mc"}),
+    ExpertSpec("gsm8k-solution", ("gsm8k_mc",), steps=120, lr=2e-3, rank=16, targets="attn", seed=2, batch_size=4, max_len=192, use_solution=True, tags={"domain": M, "task": "mb_gsm8k_mc"}),
     ExpertSpec("calc", ("gsm8k_calc",), steps=120, lr=2e-3, rank=8, targets="mlp", seed=3, tags={"domain": M, "task": "mb_gsm8k_calc"}),
     ExpertSpec("med-terms", ("medical_terms",), steps=120, lr=1e-3, rank=8, targets="all", seed=4, tags={"domain": MED, "task": "mb_medical_terms"}),
     ExpertSpec("med-defs", ("medical_defs",), steps=120, lr=1e-3, rank=16, targets="all", seed=5, tags={"domain": MED, "task": "mb_medical_defs"}),
@@ -48,9 +48,11 @@ EXPERTS: tuple[ExpertSpec, ...] = (
 )
 MATH = ("gsm8k-answer", "gsm8k-solution", "calc")
 KNOWN_WEAK = {
-    "gsm8k-answer": "GSM8K answer ranking stays near the base (validation 0.19 vs 0.17): 60 steps "
-    "on 969 word problems do not teach a 135M model arithmetic; needs a larger budget",
-    "gsm8k-solution": "no gain on GSM8K answer ranking (0.17 vs 0.17) after 30 steps on worked solutions",
+    "gsm8k-answer": "GSM8K answer ranking stays at the base (validation 0.17 vs 0.17) after 300 steps "
+    "(~2.5 epochs of 969 problems; 60 steps gave 0.19) while the final training loss falls from 1.26 to "
+    "0.92: the model memorizes training answers without learning to rank new ones",
+    "gsm8k-solution": "0.18 vs base 0.17 after 120 steps on worked solutions plus bare answers "
+    "(30 steps on solutions alone: 0.17); multi-step arithmetic is beyond LoRA on a 135M model at these budgets",
 }
 """Experts that do not (yet) beat the base on their own validation task by a clear margin,
 with the reason; reported in suites/README.md and checked by tests/test_zoo_pool.py so the

@@ -83,18 +83,21 @@ def load_split(task: str, split: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def training_text(row: dict, use_solution: bool = False) -> tuple[str, str]:
-    """(prompt, answer) for fine-tuning, in exactly the format lm-eval scores.
+def training_text(row: dict, use_solution: bool = False) -> list[tuple[str, str]]:
+    """(prompt, answer) fine-tuning examples of one row, in exactly the format lm-eval scores.
 
     Multiple-choice rows give ``query`` and ``" " + choices[gold]`` (lm-eval's target
-    delimiter is one space).  With ``use_solution`` a GSM8K row's answer is its worked solution.
+    delimiter is one space).  With ``use_solution`` a GSM8K row gives a second example whose
+    answer is the worked solution: a model trained on solutions alone never sees the bare
+    ``Answer: N`` form it is scored on and does not improve on it (measured: 0.17 vs base 0.17).
     A text row (news) gives ``("", text)``.
     """
     if "query" not in row:
-        return "", row["text"]
+        return [("", row["text"])]
+    out = [(row["query"], " " + row["choices"][row["gold"]])]
     if use_solution and row.get("solution"):
-        return row["query"], " " + row["solution"]
-    return row["query"], " " + row["choices"][row["gold"]]
+        out.append((row["query"], " " + row["solution"]))
+    return out
 
 
 _TMP: dict[tuple[str, str], tempfile.TemporaryDirectory] = {}

@@ -37,7 +37,7 @@ __all__ = ["TARGETS", "ExpertSpec", "TrainResult", "build_examples", "score_mc",
 class ExpertSpec:
     """What to train.  ``tasks`` are embedded data folders (``capitals``) or lm-eval names (``mb_capitals``).
 
-    ``use_solution``: GSM8K rows train on the worked solution instead of the bare answer.
+    ``use_solution``: GSM8K rows also train on their worked solution (a second example).
     ``flip_labels``: two-choice rows train on the *wrong* choice (a deliberately conflicting
     expert, e.g. inverted sentiment).  ``max_examples`` caps the training rows per task.
     """
@@ -148,10 +148,10 @@ def build_examples(spec: ExpertSpec, tok) -> list[tuple[list[int], int]]:
                     raise ValueError(
                         f"{spec.name}: flip_labels needs two-choice rows; {task} has {len(row['choices'])}")
                 row = {**row, "gold": 1 - row["gold"]}
-            prompt, answer = training_text(row, use_solution=spec.use_solution)
-            enc = _encode(tok, prompt, answer, spec.max_len)
-            if enc is not None:
-                out.append(enc)
+            for prompt, answer in training_text(row, use_solution=spec.use_solution):
+                enc = _encode(tok, prompt, answer, spec.max_len)
+                if enc is not None:
+                    out.append(enc)
     if not out:
         raise ValueError(f"{spec.name}: no training examples in {spec.tasks}")
     return out
