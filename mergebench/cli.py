@@ -236,8 +236,10 @@ def _print_summary(plan, table, loss) -> None:
 
 @app.command("plan")
 def plan_cmd(
-    method: Annotated[str, typer.Option(help="merge method")],
     suite: Annotated[str, typer.Option(help="suite name")],
+    method: Annotated[Optional[str], typer.Option(help="merge method (one `mergebench eval`)")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="comma-separated methods: plan a `mergebench sweep` instead")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="with --methods: key=v1,v2,... (repeatable)")] = None,
     pool: Annotated[Optional[str], typer.Option(help="pool")] = None,
     profile: Annotated[Optional[str], typer.Option(help="suite profile")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="method parameter or pool placeholder")] = None,
@@ -245,10 +247,21 @@ def plan_cmd(
     results: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
     quick: Annotated[bool, typer.Option(help="the CI-sized profile")] = False,
 ) -> None:
-    """Show what `mergebench eval` would merge and evaluate, what is cached, and what is missing."""
+    """Show what `mergebench eval` (or, with --methods, `mergebench sweep`) would merge and evaluate,
+    what is cached, what is missing, and the estimated cost."""
     from .methods import ParameterError
     from .pools import MissingModelsError
 
+    if methods is not None or grid:
+        if method is not None:
+            _fail("give --method (one eval) or --methods (a sweep), not both")
+        if methods is None:
+            _fail("--grid plans a sweep: give --methods too")
+        sweep_cmd(suite=suite, methods=methods, grid=grid, set_=set_, pool=pool, profile=profile, seed=seed,
+                  results=results, quick=quick, dry_run=True)
+        return
+    if method is None:
+        _fail("give --method NAME (or --methods a,b,c for a sweep)")
     try:
         plan = _plan(method, suite, pool, profile, set_, seed, quick, materialize=False)
     except MissingModelsError as exc:

@@ -255,4 +255,10 @@ def test_cli_sweep_dry_run_estimate_and_errors(small, tmp_path):
     assert "5 unit(s) run" in done.output and "lambda=0.5" in done.output
     dry = " ".join(run(app, [*base, "--grid", "lambda=0.5,1", "--dry-run"]).output.split())
     assert "2 of 7 unit(s) to run (2 merge(s), 0 reference(s), 12 documents)" in dry
+    # `mergebench plan` prints the same estimate for a sweep before it starts
+    planned = run(app, ["plan", "--suite", small, "--methods", "linear,task_arithmetic", "--grid", "lambda=0.5,1",
+                        "--results", str(results)])
+    assert planned.exit_code == 0 and " ".join(planned.output.split()).count("2 of 7 unit(s) to run") == 1
+    both = run(app, ["plan", "--suite", small, "--method", "linear", "--methods", "linear,ties"])
+    assert both.exit_code == 2 and "not both" in both.output
     assert "measured from 5 stored unit(s) of pool 'tiny' on cpu" in dry
