@@ -164,7 +164,15 @@ def page_scaling():
                 "as the dashed line; dashed diamonds are published averages (seed 000 Tables 1, 3-5).")
     st.altair_chart(charts.scaling(d, pap), width="stretch")
     table(d)
-    st.caption("Task-vector norm vs n (seed 001 Fig. 4) appears here once the diagnostics issue stores it.")
+    norms = queries.task_vector_norms(RESULTS, SIG, filters)
+    st.subheader("Task-vector norm vs n")
+    if norms.empty:
+        st.info("No unit of this selection recorded its task-vector norm "
+                "(`mergebench eval` measures it for every merged and expert unit).")
+        return
+    st.markdown("How far each merge moves from the base, ‖θ_merged − θ_base‖₂, mean ± 1 std over the subsets "
+                "(seed 001 Fig. 4: the merges that stay near the base keep its accuracy; single experts at n = 1).")
+    st.altair_chart(charts.scaling(norms, y_title="‖θ − θ_base‖₂"), width="stretch")
 
 
 def page_tasks():
@@ -200,10 +208,10 @@ def page_diagnostics():
     if diag is None:
         st.info("No diagnostics in this store yet (`mergebench diagnose` writes them under results/diagnostics). "
                 "This page then shows layer-wise activation variance and effective rank, pairwise cosine "
-                "heatmaps of task vectors, HiddenSim / MDS heatmaps and task-vector norm vs n, per pool.")
+                "heatmaps of task vectors and HiddenSim / MDS heatmaps, per pool (task-vector norm vs n is "
+                "on the Scaling page).")
         table(pd.DataFrame({"planned view": ["activation variance per layer", "effective rank per layer",
-                                             "pairwise cosine of task vectors", "HiddenSim / MDS",
-                                             "task-vector norm vs n"]}))
+                                             "pairwise cosine of task vectors", "HiddenSim / MDS"]}))
         return
     st.markdown("Diagnostics stored for this selection (rows per pool, kind, metric and scope):")
     table(diag)

@@ -21,14 +21,15 @@ def ranking_ci(rank: pd.DataFrame, title: str = "headline score") -> alt.Chart:
     return (bars + pts).properties(height=alt.Step(32))
 
 
-def scaling(d: pd.DataFrame, paper: pd.DataFrame | None = None) -> alt.Chart:
-    """Score vs n, one line per method with a ±1 std band; base model as a dashed rule."""
+def scaling(d: pd.DataFrame, paper: pd.DataFrame | None = None, y_title: str = "headline score") -> alt.Chart:
+    """Score (or another per-unit quantity) vs n, one line per method with a ±1 std band; the
+    base model as a dashed rule."""
     merged = d[d["role"] != "base"].assign(lo=lambda x: x["mean"] - x["std"], hi=lambda x: x["mean"] + x["std"])
     color = alt.Color("method:N", title="method")
     x = alt.X("n:Q", title="models merged (n)", axis=alt.Axis(tickMinStep=1))
     band = alt.Chart(merged).mark_area(opacity=0.15).encode(x=x, y="lo:Q", y2="hi:Q", color=color)
     line = alt.Chart(merged).mark_line(point=True).encode(
-        x=x, y=alt.Y("mean:Q", title="headline score", scale=alt.Scale(zero=False)), color=color,
+        x=x, y=alt.Y("mean:Q", title=y_title, scale=alt.Scale(zero=False)), color=color,
         tooltip=["method", "n", alt.Tooltip("mean:Q", format=".4f"), alt.Tooltip("std:Q", format=".4f"), "n_units"])
     layers = [band, line] if not merged.empty else []
     base = d[d["role"] == "base"]

@@ -71,6 +71,11 @@ def scaling(path: str, sig: tuple, filters: dict):
 
 
 @st.cache_data(show_spinner=False)
+def task_vector_norms(path: str, sig: tuple, filters: dict):
+    return report.task_vector_norms(connection(path, sig), _f(filters))
+
+
+@st.cache_data(show_spinner=False)
 def per_task(path: str, sig: tuple, filters: dict):
     return report.per_task(connection(path, sig), _f(filters))
 

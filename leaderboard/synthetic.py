@@ -35,16 +35,18 @@ def small_store(results_dir, *, suite="inthewild", profile="embedded", pool="smo
                  "stderr": 0.02, "n_docs": 100} for t in TASKS for m in ("acc", "acc_norm")]
 
     store.write_unit(store.Unit(role="base", subset=("smol-135m",), **common), rows(0.40), run_id=run,
-                     results_dir=results_dir)
+                     results_dir=results_dir, provenance={"task_vector_norm": 0.0})
     for e in EXPERTS:
         store.write_unit(store.Unit(role="expert", subset=(e,), **common), rows(0.42), run_id=run,
-                         results_dir=results_dir)
+                         results_dir=results_dir, provenance={"task_vector_norm": 3.0 + rng.random()})
     for (m, off), k in itertools.product(methods.items(), sizes):
         for subset in itertools.combinations(EXPERTS, k):
             u = store.Unit(role="merged", subset=subset, method=m, method_version="1.0",
                            params={"lambda": 1.0} if m != "linear" else {}, **common)
             prov = {"merge_wall_s": 1.0 + 0.5 * len(m) + rng.random(), "merge_peak_rss_bytes": int(2e9 + 1e8 * k),
-                    "eval_wall_s": 3.0}
+                    "eval_wall_s": 3.0,  # averaging shrinks the task vector, summing grows it
+                    "task_vector_norm": (3.0 / np.sqrt(k) if m == "linear" else 3.0 * (1 + off) * np.sqrt(k))
+                    + 0.1 * rng.random()}
             store.write_unit(u, rows(0.41 + off + 0.01 * k), run_id=run, results_dir=results_dir, provenance=prov)
     return results_dir
 

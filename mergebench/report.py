@@ -338,13 +338,30 @@ def ranking(con, f: Filters, **kw) -> pd.DataFrame:
 # --------------------------------------------------------------------------- other pages
 
 
+_METHOD_LABEL = "coalesce(method, CASE role WHEN 'base' THEN 'base model' ELSE 'single expert' END) AS method"
+"""Reference rows have no method: label them for the curves (the base at n=0, experts at n=1)."""
+
+
 def scaling(con, f: Filters) -> pd.DataFrame:
     """Mean and std (ddof=1) of the headline score per (method, n); experts at n=1, base at n=0."""
     where, params = f.where(refs=True, n=False)
     return df(con, f"""
-        SELECT coalesce(method, CASE role WHEN 'base' THEN 'base model' ELSE 'single expert' END) AS method,
+        SELECT {_METHOD_LABEL},
                role, n, count(*) AS n_units, avg(score) AS mean, coalesce(stddev_samp(score), 0) AS std
         FROM unit_scores WHERE {where} GROUP BY ALL ORDER BY method, n""", params)
+
+
+def task_vector_norms(con, f: Filters) -> pd.DataFrame:
+    """Mean and std (ddof=1) of ``||theta - theta_base||_2`` per (method, n), seed 001 Fig. 4.
+
+    From the provenance of units that recorded it (runs since the column exists); same labels
+    and filters as :func:`scaling`."""
+    where, params = f.where(refs=True, n=False)
+    return df(con, f"""
+        WITH norms AS (SELECT unit_id, max(task_vector_norm) AS tv FROM provenance
+                       WHERE task_vector_norm IS NOT NULL GROUP BY unit_id)
+        SELECT {_METHOD_LABEL}, role, n, count(*) AS n_units, avg(tv) AS mean, coalesce(stddev_samp(tv), 0) AS std
+        FROM unit_scores JOIN norms USING (unit_id) WHERE {where} GROUP BY ALL ORDER BY method, n""", params)
 
 
 def paper_scaling(con, f: Filters) -> pd.DataFrame:
@@ -360,7 +377,7 @@ def per_task(con, f: Filters) -> pd.DataFrame:
     """Mean headline metric per (method, task, n) of merged units (+ base and experts)."""
     where, params = f.where(refs=True, n=False)
     return df(con, f"""
-        SELECT coalesce(method, CASE role WHEN 'base' THEN 'base model' ELSE 'single expert' END) AS method,
+        SELECT {_METHOD_LABEL},
                role, task, n, any_value(metric) AS metric, avg(value) AS value, count(DISTINCT unit_id) AS n_units
         FROM headline_rows WHERE {where} GROUP BY ALL ORDER BY method, task, n""", params)
 
@@ -542,7 +559,9 @@ def write_report(results_dir: str | os.PathLike = store.DEFAULT_RESULTS_DIR, sui
 
 
 def write_plots(con, plots_dir: str | os.PathLike, suite: str | None = None) -> list[Path]:
-    """scaling_<suite>_<pool>.png: headline score vs n, mean ± std band per method (matplotlib)."""
+    """Per (suite, profile, pool) with merged units, mean ± std band per method vs n (matplotlib):
+    ``scaling_<suite>_<profile>_<pool>.png`` (headline score) and, where recorded,
+    ``tvnorm_<...>.png`` (task-vector norm, seed 001 Fig. 4)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -554,23 +573,27 @@ def write_plots(con, plots_dir: str | os.PathLike, suite: str | None = None) -> 
     groups = df(con, "SELECT DISTINCT suite, profile, pool FROM results WHERE role = 'merged'"
                 + (" AND suite = ?" if suite else "") + " ORDER BY ALL", [suite] if suite else [])
     for g in groups.itertuples(index=False):
-        d = scaling(con, Filters(suite=g.suite, profile=g.profile, pool=g.pool))
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-        for m, dm in d[d["role"] == "merged"].groupby("method"):
-            dm = dm.sort_values("n")
-            ax.plot(dm["n"], dm["mean"], marker="o", label=m)
-            ax.fill_between(dm["n"], dm["mean"] - dm["std"], dm["mean"] + dm["std"], alpha=0.15)
-        base = d[d["role"] == "base"]
-        if not base.empty:
-            ax.axhline(base["mean"].iloc[0], color="k", ls="--", lw=1, label="base model")
-        ax.set_xlabel("models merged (n)")
-        ax.set_ylabel("headline score")
-        ax.set_title(f"{g.suite} / {g.profile} / {g.pool}")
-        ax.legend(fontsize=7, ncol=2)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        name = "scaling_" + "_".join(str(x).replace("/", "-") for x in (g.suite, g.profile, g.pool)) + ".png"
-        fig.savefig(plots_dir / name)
-        plt.close(fig)
-        written.append(plots_dir / name)
+        f = Filters(suite=g.suite, profile=g.profile, pool=g.pool)
+        stem = "_".join(str(x).replace("/", "-") for x in (g.suite, g.profile, g.pool))
+        for prefix, d, ylabel in (("scaling", scaling(con, f), "headline score"),
+                                  ("tvnorm", task_vector_norms(con, f), "task-vector norm ||θ - θ_base||₂")):
+            if d[d["role"] == "merged"].empty:
+                continue
+            fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+            for m, dm in d[d["role"] == "merged"].groupby("method"):
+                dm = dm.sort_values("n")
+                ax.plot(dm["n"], dm["mean"], marker="o", label=m)
+                ax.fill_between(dm["n"], dm["mean"] - dm["std"], dm["mean"] + dm["std"], alpha=0.15)
+            base = d[d["role"] == "base"]
+            if not base.empty:
+                ax.axhline(base["mean"].iloc[0], color="k", ls="--", lw=1, label="base model")
+            ax.set_xlabel("models merged (n)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{g.suite} / {g.profile} / {g.pool}")
+            ax.legend(fontsize=7, ncol=2)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(plots_dir / f"{prefix}_{stem}.png")
+            plt.close(fig)
+            written.append(plots_dir / f"{prefix}_{stem}.png")
     return written

@@ -28,7 +28,7 @@ from .pools import Pool, load_pool, validate_pool_compatibility
 from .sampling import DocSample, Subset, samples_argument
 from .suites import Profile, Suite, TaskSpec, load_suite
 
-__all__ = ["EvalPlan", "WorkUnit", "plan_eval", "run_eval", "summarize"]
+__all__ = ["EvalPlan", "WorkUnit", "backfill_task_vector_norms", "plan_eval", "run_eval", "summarize"]
 
 
 @dataclass
@@ -268,27 +268,46 @@ def _load_model(path: str, dtype: str):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size) -> tuple[list[dict], dict]:
-    from .engine import load_merged_model, merge
-    from .evaluate import evaluate_model
+def _merge_unit(plan: EvalPlan, wu: WorkUnit, device: str):
+    """The merged model of a ``merged`` work unit, in memory (a MergeResult with ``state_dict``)."""
+    from .engine import merge
     from .request import MergeRequest
+
+    base_path = plan.paths[plan.pool.base.name]
+    experts = [plan.paths[m] for m in wu.members]
+    if wu.unit.extra.get("base_counted") and plan.method.contract.base == "unused":
+        experts = [base_path, *experts]
+    request = MergeRequest(
+        method=plan.method.name, base=base_path, experts=experts, params=dict(wu.unit.params),
+        seed=plan.seed, device=device, dtype="float32", out_dtype=plan.profile.eval.dtype,
+    )
+    return merge(request, None, progress=False)
+
+
+def _norm(plan: EvalPlan, wu: WorkUnit, merged=None) -> float:
+    """``task_vector_norm`` of a unit's model: 0 for the base, the expert's or the merge's."""
+    from .diagnostics import task_vector_norm
+
+    if wu.role == "base":
+        return 0.0
+    model = merged.state_dict if wu.role == "merged" else plan.paths[wu.members[0]]
+    return task_vector_norm(plan.paths[plan.pool.base.name], model)
+
+
+def _run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size) -> tuple[list[dict], dict]:
+    from .engine import load_merged_model
+    from .evaluate import evaluate_model
 
     prov: dict[str, Any] = {}
     prof = plan.profile
     if wu.role == "merged":
-        base_path = plan.paths[plan.pool.base.name]
-        experts = [plan.paths[m] for m in wu.members]
-        if wu.unit.extra.get("base_counted") and plan.method.contract.base == "unused":
-            experts = [base_path, *experts]
-        request = MergeRequest(
-            method=plan.method.name, base=base_path, experts=experts, params=dict(wu.unit.params),
-            seed=plan.seed, device=device, dtype="float32", out_dtype=prof.eval.dtype,
-        )
         with store.measure("merge", prov, device):
-            result = merge(request, None, progress=False)
-        model, tok = load_merged_model(result, base_path)
+            result = _merge_unit(plan, wu, device)
+        prov["task_vector_norm"] = _norm(plan, wu, result)
+        model, tok = load_merged_model(result, plan.paths[plan.pool.base.name])
         del result
     else:
+        prov["task_vector_norm"] = _norm(plan, wu)
         model, tok = _load_model(plan.paths[wu.members[0]], prof.eval.dtype)
     model.to(device)
     tasks = [t.name for t in wu.tasks]
@@ -340,6 +359,29 @@ def run_eval(
             log(f"{wu.role:>6} {wu.label:<14} {', '.join(wu.members)[:60]:<60} score {head:.4f}  ({time.perf_counter() - t0:.0f} s)")
             bar.advance(task)
     return stats
+
+
+def backfill_task_vector_norms(plan: EvalPlan, results_dir: str | Path = store.DEFAULT_RESULTS_DIR, *,
+                               device: str = "cpu", log: Callable[[str], None] = print) -> int:
+    """Record ``task_vector_norm`` in the provenance of the plan's stored units that lack it
+    (units evaluated before mergebench measured it). Merges are recomputed, nothing is
+    re-evaluated; returns the number of units updated."""
+    import torch
+
+    done = store.completed_units(results_dir)
+    updated = 0
+    for wu in plan.units:
+        if wu.unit.unit_id not in done:
+            continue
+        records = store.read_unit_provenance(wu.unit, results_dir)
+        if not records or all(r.get("task_vector_norm") is not None for r in records):
+            continue
+        with torch.inference_mode():
+            value = _norm(plan, wu, _merge_unit(plan, wu, device) if wu.role == "merged" else None)
+        store.update_provenance(wu.unit, {"task_vector_norm": value}, results_dir)
+        log(f"{wu.role:>6} {wu.label:<14} task-vector norm {value:.4f}")
+        updated += 1
+    return updated
 
 
 def _headline(rows, tasks: list[TaskSpec]) -> float:

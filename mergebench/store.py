@@ -112,6 +112,9 @@ PROVENANCE_SCHEMA = pa.schema(
         _f("merge_peak_rss_bytes", pa.int64(), "Peak resident memory during the merge, bytes."),
         _f("gpu_peak_mem_bytes", pa.int64(), "Peak CUDA memory allocated during merge + eval, bytes; null on CPU."),
         _f("eval_wall_s", pa.float64(), "Wall time of the lm-eval evaluation, seconds."),
+        _f("task_vector_norm", pa.float64(),
+           "||theta_model - theta_base||_2 over the tensors shared with the base, in the evaluated dtype "
+           "(seed 001 Fig. 4); 0 for the base model, null where not measured."),
         _f("extra_json", pa.string(), "Anything else worth keeping, as JSON."),
     ],
     metadata={"mergebench_schema_version": SCHEMA_VERSION, "table": "provenance"},
@@ -451,6 +454,36 @@ def write_provenance(
     return final
 
 
+def _unit_provenance_files(unit: Unit, results_dir: str | os.PathLike) -> list[Path]:
+    return sorted(_partition(Path(results_dir), "provenance", unit.suite, unit.method).glob(
+        f"prov-*-{unit.unit_id}.parquet"))
+
+
+def read_unit_provenance(unit: Unit, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> list[dict[str, Any]]:
+    """The provenance records of one stored unit (one per run that evaluated it), as dicts."""
+    return [row for f in _unit_provenance_files(unit, results_dir) for row in pq.read_table(f).to_pylist()]
+
+
+def update_provenance(unit: Unit, values: Mapping[str, Any],
+                      results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> list[Path]:
+    """Set PROVENANCE_SCHEMA columns of a stored unit's provenance records (each file rewritten
+    atomically, brought to the current schema): for a measurement added after the unit ran,
+    such as ``task_vector_norm``. Returns the files rewritten (none if the unit has no record)."""
+    bad = [k for k in values if k not in PROVENANCE_SCHEMA.names or k in ("run_id", "unit_id", "suite", "method")]
+    if bad:
+        raise ValueError(f"cannot set provenance columns {bad}")
+    files = _unit_provenance_files(unit, results_dir)
+    for file in files:
+        table = pq.read_table(file)
+        cols = {name: table.column(name) if name in table.column_names else pa.nulls(table.num_rows, f.type)
+                for name, f in zip(PROVENANCE_SCHEMA.names, PROVENANCE_SCHEMA)}
+        for k, v in values.items():
+            cols[k] = pa.array([v] * table.num_rows, PROVENANCE_SCHEMA.field(k).type)
+        arrays = [cols[f.name].cast(f.type) for f in PROVENANCE_SCHEMA]
+        _atomic_write(pa.Table.from_arrays(arrays, schema=PROVENANCE_SCHEMA), file, overwrite=True)
+    return files
+
+
 # ------------------------------------------------------------------------------ provenance
 
 
@@ -591,8 +624,10 @@ def _parquet_view(con, name: str, root: Path, pattern: str, schema: pa.Schema) -
     files = list(root.glob(pattern)) if root.is_dir() else []
     if files:
         glob = str(root / pattern).replace("'", "''")
+        # the union with an empty typed table adds the schema's columns that older files lack, as NULL
+        con.register(f"_{name}_schema", schema.empty_table())
         con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{glob}', "
-                    "union_by_name=true, hive_partitioning=false)")
+                    f"union_by_name=true, hive_partitioning=false) UNION ALL BY NAME SELECT * FROM _{name}_schema")
     else:  # DuckDB errors on a glob without matches; an empty typed table keeps queries valid
         con.register(f"_{name}_empty", schema.empty_table())
         con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _{name}_empty")

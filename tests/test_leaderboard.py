@@ -215,8 +215,8 @@ def test_report_plots(syn, tmp_path):
     pytest.importorskip("matplotlib")
     report.write_report(syn, fmt="md", plots_dir=tmp_path / "plots")
     pngs = sorted((tmp_path / "plots").glob("*.png"))
-    assert [p.name for p in pngs] == ["scaling_inthewild_embedded_smol.png"]
-    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in pngs] == ["scaling_inthewild_embedded_smol.png", "tvnorm_inthewild_embedded_smol.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
 def test_report_on_committed_paper_rows():

@@ -68,3 +68,63 @@ def test_run_resume_and_summary(tiny_suites, tmp_path, monkeypatch):
     per_unit = merged.groupby("unit_id")["value"].mean()
     n2 = merged.drop_duplicates("unit_id").set_index("unit_id")["n"]
     assert table.loc[table.n == 2, "mean"].item() == pytest.approx(per_unit[n2 == 2].mean())
+
+
+def _weights(folder) -> dict:
+    """float64 numpy copies of a checkpoint's floating-point tensors (independent of mergebench's readers)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    return {k: v.astype(np.float64) for f in sorted(folder.glob("*.safetensors"))
+            for k, v in load_file(str(f)).items() if v.dtype.kind == "f"}
+
+
+def test_task_vector_norms_are_recorded_and_backfilled(tiny_suites, tiny_pool, tmp_path):
+    """Every unit's provenance holds ||theta - theta_base||_2 (seed 001 Fig. 4), equal to a numpy
+    float64 computation; a store written before the column existed reads as NULL and is backfilled."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from mergebench import report, runner
+
+    base_dir, expert_dirs = tiny_pool
+    base = _weights(base_dir)
+    experts = {f"e{i}": _weights(p) for i, p in enumerate(expert_dirs)}
+
+    def norm(theta):
+        return float(np.sqrt(sum(np.sum((theta[k] - base[k]) ** 2) for k in base)))
+
+    results = tmp_path / "results"
+    plan = plan_eval("linear", "tiny", log=lambda m: None)
+    run_eval(plan, results, progress=False, log=lambda m: None)
+    expected = {}
+    for wu in plan.units:
+        if wu.role == "merged":  # linear with default weights: the plain mean of the members
+            theta = {k: np.mean([experts[m][k] for m in wu.members], axis=0) for k in base}
+        else:
+            theta = base if wu.role == "base" else experts[wu.members[0]]
+        expected[wu.unit.unit_id] = norm(theta)
+    stored = {r["unit_id"]: r["task_vector_norm"] for wu in plan.units
+              for r in store.read_unit_provenance(wu.unit, results)}
+    assert stored == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert stored[plan.references[0].unit.unit_id] == 0.0 and min(expected.values()) == 0.0
+    with report.connect(results) as con:
+        curve = report.task_vector_norms(con, report.Filters(suite="tiny"))
+    merged = curve[curve.role == "merged"].set_index("n")
+    by_n = {n: [expected[u.unit.unit_id] for u in plan.merges if u.unit.n == n] for n in (2, 3)}
+    assert merged.loc[2, "mean"] == pytest.approx(np.mean(by_n[2]), rel=1e-5)
+    assert merged.loc[2, "std"] == pytest.approx(np.std(by_n[2], ddof=1), rel=1e-4)
+    assert list(merged["n_units"]) == [2, 1]
+
+    # an older store: provenance files without the column
+    files = sorted((results / "provenance").rglob("prov-*.parquet"))
+    for f in files:
+        pq.write_table(pq.read_table(f).drop_columns(["task_vector_norm"]), f)
+    with store.connect(results) as con:
+        assert con.execute("SELECT count(task_vector_norm) FROM provenance").fetchone()[0] == 0
+    assert runner.backfill_task_vector_norms(plan, results, log=lambda m: None) == len(plan.units)
+    again = {r["unit_id"]: r["task_vector_norm"] for wu in plan.units
+             for r in store.read_unit_provenance(wu.unit, results)}
+    assert again == pytest.approx(stored, rel=1e-6, abs=1e-12)
+    assert pq.read_schema(files[0]).equals(store.PROVENANCE_SCHEMA, check_metadata=False)
+    assert runner.backfill_task_vector_norms(plan, results, log=lambda m: None) == 0  # nothing left to do

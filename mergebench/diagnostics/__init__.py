@@ -26,14 +26,14 @@ from .activations import (
 )
 from .representations import hidden_distance_matrix, hidden_sim, merging_difficulty, representation_rows
 from .stats import AnovaResult, PearsonResult, anova_by_factor, anova_oneway, correlate, merging_loss, pearson, stats_rows
-from .weights import DEFAULT_ZERO_TOL, WeightDiagnostics, block_key, weight_diagnostics
+from .weights import DEFAULT_ZERO_TOL, WeightDiagnostics, block_key, task_vector_norm, weight_diagnostics
 
 __all__ = [
     "ACTIVATION_METRICS", "DEFAULT_ZERO_TOL", "AnovaResult", "PearsonResult", "WeightDiagnostics",
     "activation_diagnostics", "activation_metrics", "activation_rows", "anova_by_factor", "anova_oneway",
     "block_key", "collect_hidden_states", "correlate", "hidden_distance_matrix", "hidden_sim", "merging_difficulty",
     "merging_loss", "pearson", "representation_rows", "stats_rows", "summarize_activations", "summarize_weights",
-    "diagnose", "tokenize_probes", "weight_diagnostics",
+    "diagnose", "task_vector_norm", "tokenize_probes", "weight_diagnostics",
 ]
 
 

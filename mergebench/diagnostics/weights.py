@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_ZERO_TOL",
     "WeightDiagnostics",
     "block_key",
+    "task_vector_norm",
     "weight_diagnostics",
 ]
 
@@ -421,3 +422,13 @@ def weight_diagnostics(
         tensor_gram=tensor_gram, tensor_numel=tensor_numel, l1=l1.cpu().numpy(), pair_l1=sym(pair_l1),
         sign_diff=sym(sign_diff), conflict_l1=sym(conflict_l1), zero_tol=zero_tol, skipped=skipped,
     )
+
+
+def task_vector_norm(base: Any, model: Any, *, device: str | torch.device = "cpu") -> float:
+    """``||theta_model - theta_base||_2`` over the floating-point tensors the two share (float64).
+
+    Seed 001 (Fig. 4) plots it against the merge size: how far a merge moves from the base.
+    ``base`` and ``model`` are checkpoint paths, opened checkpoints or state dicts.
+    """
+    return float(weight_diagnostics(base, {"model": model}, device=device).norms[0])
+

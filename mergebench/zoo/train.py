@@ -30,7 +30,9 @@ TARGETS = {
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 
-__all__ = ["TARGETS", "ExpertSpec", "TrainResult", "build_examples", "score_mc", "train_expert"]
+OBJECTIVES = ("lm", "rank")
+
+__all__ = ["OBJECTIVES", "TARGETS", "ExpertSpec", "TrainResult", "build_examples", "score_mc", "train_expert"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class ExpertSpec:
     use_solution: bool = False
     flip_labels: bool = False
     max_examples: int | None = None
+    objective: str = "lm"
     tags: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -73,6 +76,10 @@ class ExpertSpec:
             raise ValueError(f"{self.name}: lr must be > 0, got {self.lr}")
         if not self.tasks:
             raise ValueError(f"{self.name}: at least one task is needed")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"{self.name}: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "rank" and (self.use_solution or self.flip_labels):
+            raise ValueError(f"{self.name}: objective='rank' cannot be combined with use_solution or flip_labels")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -157,23 +164,78 @@ def build_examples(spec: ExpertSpec, tok) -> list[tuple[list[int], int]]:
     return out
 
 
+def build_choice_examples(spec: ExpertSpec, tok) -> list[tuple[list[tuple[list[int], int]], int]]:
+    """Multiple-choice training rows for ``objective="rank"``: ([(ids, n_prompt) per choice], gold).
+
+    Rows whose prompt does not fit ``max_len`` are dropped; a choice cut by ``max_len`` keeps the
+    tokens that fit (all choices of a row are scored on the same prompt).
+    """
+    out = []
+    for task in spec.tasks:
+        rows = load_split(task, "train")
+        if spec.max_examples is not None:
+            rows = rows[: spec.max_examples]
+        for row in rows:
+            if "choices" not in row:
+                raise ValueError(f"{spec.name}: objective='rank' needs multiple-choice rows; {task} has text rows")
+            encs = [_encode(tok, row["query"], " " + c, spec.max_len) for c in row["choices"]]
+            if all(e is not None for e in encs):
+                out.append((encs, int(row["gold"])))
+    if not out:
+        raise ValueError(f"{spec.name}: no training rows in {spec.tasks}")
+    return out
+
+
+def _pad(chunk: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) of (ids, n_prompt) examples, padded to the longest;
+    labels are -100 on the prompt and the padding."""
+    width = max(len(ids) for ids, _ in chunk)
+    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for r, (ids, n_prompt) in enumerate(chunk):
+        t = torch.tensor(ids, dtype=torch.long)
+        input_ids[r, : len(ids)] = t
+        mask[r, : len(ids)] = 1
+        labels[r, max(n_prompt, 1): len(ids)] = t[max(n_prompt, 1):]
+    return input_ids, mask, labels
+
+
 def _batches(examples, spec: ExpertSpec, pad_id: int, gen: torch.Generator):
-    """Endless batches: seeded permutations of the examples, epoch after epoch."""
+    """Endless batches: seeded permutations of the examples, epoch after epoch.
+
+    An example is ``(ids, n_prompt)``, or for ``objective="rank"`` ``(choices, gold)``: then the
+    batch holds every choice of ``batch_size`` rows and a fourth item, the gold index per row.
+    """
     while True:
         order = torch.randperm(len(examples), generator=gen).tolist()
         starts = range(0, len(order) - spec.batch_size + 1, spec.batch_size) if len(order) >= spec.batch_size else [0]
         for i in starts:
             chunk = [examples[j] for j in order[i:i + spec.batch_size]]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (ids, n_prompt) in enumerate(chunk):
-                t = torch.tensor(ids, dtype=torch.long)
-                input_ids[r, : len(ids)] = t
-                mask[r, : len(ids)] = 1
-                labels[r, max(n_prompt, 1): len(ids)] = t[max(n_prompt, 1):]
-            yield input_ids, mask, labels
+            if spec.objective == "rank":
+                n_choices = {len(c) for c, _ in chunk}
+                if len(n_choices) != 1:
+                    raise ValueError(f"{spec.name}: rows with different numbers of choices in one batch: {n_choices}")
+                yield (*_pad([e for c, _ in chunk for e in c], pad_id), torch.tensor([g for _, g in chunk]))
+            else:
+                yield (*_pad(chunk, pad_id), None)
+
+
+def _loss(model, input_ids, mask, labels, gold) -> torch.Tensor:
+    """The language-model loss on the answer tokens; with ``gold`` (objective "rank") plus the
+    cross-entropy over each row's choices, scored as lm-eval's ``acc`` scores them (summed
+    log-probabilities of the choice's tokens), computed from the same forward pass."""
+    if gold is None:
+        return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    token_logp = torch.log_softmax(logits, dim=-1).gather(2, tgt.clamp(min=0)[..., None])[..., 0] * keep
+    seq_logp = token_logp.sum(1).view(len(gold), -1)  # (rows, choices)
+    rows = torch.arange(len(gold))
+    n_gold = keep.sum(1).view(len(gold), -1)[rows, gold].clamp(min=1)
+    lm = -(seq_logp[rows, gold] / n_gold).mean()
+    return lm + torch.nn.functional.cross_entropy(seq_logp, gold)
 
 
 def _load_base(base):
@@ -197,7 +259,7 @@ def train_expert(spec: ExpertSpec, base, log_every: int = 0) -> TrainResult:
 
     model, tok = _load_base(base)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    examples = build_examples(spec, tok)
+    examples = build_choice_examples(spec, tok) if spec.objective == "rank" else build_examples(spec, tok)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -227,9 +289,8 @@ def train_expert(spec: ExpertSpec, base, log_every: int = 0) -> TrainResult:
     n_tokens = 0
     t0 = time.perf_counter()
     for step in range(spec.steps):
-        input_ids, mask, labels = next(batches)
-        out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
-        loss = out.loss
+        input_ids, mask, labels, gold = next(batches)
+        loss = _loss(model, input_ids, mask, labels, gold)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{spec.name}: loss is {loss.item()} at step {step}")
         loss.backward()
