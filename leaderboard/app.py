@@ -47,7 +47,9 @@ st.sidebar.markdown("### Filters")
 
 
 def _pick(label, values, key, default=None):
+    """A sidebar filter; ``?suite=...&profile=...&pool=...`` in the URL preselects it (shareable links)."""
     vals = [ALL] + list(values)
+    default = st.query_params.get(key, default)
     idx = vals.index(default) if default in vals else 0
     v = st.sidebar.selectbox(label, vals, index=idx, key=key)
     return None if v == ALL else v

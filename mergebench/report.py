@@ -218,7 +218,9 @@ def choices(con) -> dict[str, list]:
         out[col] = df(con, f"SELECT DISTINCT {col} AS v FROM all_results WHERE {col} IS NOT NULL ORDER BY 1")["v"].tolist()
     out["n"] = [int(x) for x in df(con, "SELECT DISTINCT n AS v FROM all_results WHERE role = 'merged' "
                                         "AND n IS NOT NULL ORDER BY 1")["v"]]
-    out["run_suite"] = df(con, "SELECT DISTINCT suite AS v FROM results ORDER BY 1")["v"].tolist()
+    # suites with reproduced rows, the most recently written first: the leaderboard opens on the last run
+    out["run_suite"] = df(con, "SELECT suite AS v FROM results GROUP BY suite ORDER BY max(created_at) DESC, suite"
+                          )["v"].tolist()
     return out
 
 

@@ -15,6 +15,11 @@ import json
 from mergebench import runner, store
 
 
+def _collapse(params: dict) -> dict:
+    """Stored params hold per-expert lists expanded to the merge size; a constant list is the scalar given."""
+    return {k: v[0] if isinstance(v, list) and v and all(x == v[0] for x in v) else v for k, v in params.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(store.DEFAULT_RESULTS_DIR))
@@ -25,14 +30,18 @@ def main() -> None:
         SELECT DISTINCT suite, profile, pool, NULL, NULL, NULL FROM results WHERE role <> 'merged'
         ORDER BY ALL""", args.results)
     with_merges = set(zip(configs.dropna(subset=["method"])["suite"], configs.dropna(subset=["method"])["profile"]))
-    total = 0
+    total, seen = 0, set()
     for c in configs.itertuples():
         if c.method is None or c.method != c.method:  # reference-only configuration
             if (c.suite, c.profile) in with_merges:
                 continue  # the merged configurations' plans hold these references
             method, params, seed = "linear", {}, None
         else:
-            method, params, seed = c.method, json.loads(c.params_json or "{}"), int(c.seed)
+            method, params, seed = c.method, _collapse(json.loads(c.params_json or "{}")), int(c.seed)
+            key = (c.suite, c.profile, c.pool, method, json.dumps(params, sort_keys=True), seed)
+            if key in seen:
+                continue  # the same configuration at another merge size: its plan covered it
+            seen.add(key)
         print(f"== {c.suite}:{c.profile} pool {c.pool}, {method} {params}")
         plan = runner.plan_eval(method, c.suite, pool=c.pool, profile=c.profile, params=params, seed=seed)
         total += runner.backfill_task_vector_norms(plan, args.results)

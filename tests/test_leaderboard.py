@@ -307,3 +307,18 @@ def test_glue_style_suites_are_ranked_by_merging_loss(tmp_path, monkeypatch):
     assert run_rows["score"].isna().all() and run_rows["p_gt_base"].isna().all()
     at = goto(app(tmp_path, monkeypatch), "ranking")
     assert any("merging loss" in m.value for m in at.markdown)
+
+
+def test_url_preselects_page_and_filters(monkeypatch):
+    """``?page=scaling&suite=glue`` opens that page on that suite (shareable links); the default
+    suite is the one written last."""
+    monkeypatch.setenv("MERGEBENCH_RESULTS", str(ROOT / "results"))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["page"] = "scaling"
+    at.query_params["suite"] = "inthewild"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.radio(key="page").value == "scaling" and at.selectbox(key="suite").value == "inthewild"
+    assert "suite **inthewild**" in at.caption[0].value
+    latest = store.sql("SELECT suite FROM results ORDER BY created_at DESC LIMIT 1", ROOT / "results")["suite"][0]
+    assert app(ROOT / "results", monkeypatch).selectbox(key="suite").value == latest

@@ -3,7 +3,8 @@
 Slow (about 30-60 s): run with ``.venv/bin/pytest tests/test_leaderboard_browser.py -m slow``.
 With ``MERGEBENCH_SCREENSHOTS=1`` every page is saved to ``leaderboard/screenshots/<page>.png``;
 ``MERGEBENCH_SCREENSHOT_RESULTS=results`` shows a real store instead of the synthetic one (the
-table assertions then only check the committed published rows).
+table assertions then only check the committed published rows), ``MERGEBENCH_SCREENSHOT_QUERY``
+adds URL filters (``suite=inthewild&profile=embedded``).
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def _open(browser, url: str, page: str):
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(f"{url}/?page={page}")
+    extra = os.environ.get("MERGEBENCH_SCREENSHOT_QUERY")  # e.g. suite=inthewild&profile=embedded
+    browser.get(f"{url}/?page={page}" + (f"&{extra}" if extra else ""))
     wait = WebDriverWait(browser, 60)
     if os.environ.get("MERGEBENCH_SCREENSHOT_RESULTS"):  # a real store may leave a page with only a notice
         wait.until(EC.any_of(EC.presence_of_element_located((By.CSS_SELECTOR, '[data-testid="stDataFrame"]')),

@@ -157,3 +157,39 @@ def test_score_mc_agrees_with_lm_eval(model_tok, monkeypatch, tmp_path):
     ours = score_mc(model, tok, [load_split("elements", "validation")[i] for i in idx])
     assert ours["acc"] == pytest.approx(res["results"]["mb_elements"]["acc,none"])
     assert ours["acc_norm"] == pytest.approx(res["results"]["mb_elements"]["acc_norm,none"])
+
+
+@needs_wheel
+def test_rank_objective_is_lm_eval_scoring(model_tok):
+    """objective='rank': cross-entropy over each row's choices scored as lm-eval's acc scores them
+    (summed log-probabilities of the choice tokens, no EOS) plus the per-token LM loss of the gold
+    choice -- checked against one unpadded forward pass per choice."""
+    pytest.importorskip("peft")
+    from mergebench.zoo.tasks import load_split
+    from mergebench.zoo.train import ExpertSpec, _batches, _loss, build_choice_examples
+
+    model, tok = model_tok
+    spec = ExpertSpec(name="probe", tasks=("capitals",), batch_size=3, objective="rank", max_examples=3)
+    examples = build_choice_examples(spec, tok)
+    rows = load_split("capitals", "train")[:3]
+    assert [g for _, g in examples] == [r["gold"] for r in rows]
+    batch = next(_batches(examples, spec, tok.eos_token_id, torch.Generator().manual_seed(0)))  # all 3 rows
+    with torch.no_grad():
+        got = float(_loss(model, *batch))
+        ce = lm = 0.0
+        for row in rows:  # both terms are means over rows: the batch order does not matter
+            scores, n_tok = [], []
+            for choice in row["choices"]:
+                whole = tok(row["query"] + " " + choice)["input_ids"]
+                n_prompt = len(tok(row["query"])["input_ids"])
+                logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), -1)
+                scores.append(sum(float(logp[t - 1, whole[t]]) for t in range(n_prompt, len(whole))))
+                n_tok.append(len(whole) - n_prompt)
+            s = torch.tensor(scores, dtype=torch.float64)
+            ce += float(torch.logsumexp(s, 0) - s[row["gold"]]) / len(rows)
+            lm += -scores[row["gold"]] / n_tok[row["gold"]] / len(rows)
+    assert got == pytest.approx(ce + lm, rel=1e-4)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        ExpertSpec(name="x", tasks=("capitals",), objective="dpo")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ExpertSpec(name="x", tasks=("sentiment",), objective="rank", flip_labels=True)

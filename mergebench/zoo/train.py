@@ -118,16 +118,17 @@ class TrainResult:
         return copy.deepcopy(self.model).merge_and_unload()
 
 
-def _encode(tok, prompt: str, answer: str, max_len: int) -> tuple[list[int], int] | None:
+def _encode(tok, prompt: str, answer: str, max_len: int, eos: bool = True) -> tuple[list[int], int] | None:
     """(ids, n_prompt) as lm-eval splits them: the whole string is encoded once and the prompt's
-    own encoding gives the boundary, so the scored tokens are the ones trained on."""
+    own encoding gives the boundary, so the scored tokens are the ones trained on.  ``eos``
+    appends the end-of-sequence token (the answer ends there); lm-eval's scores do not include it."""
     if prompt:
         whole = tok(prompt + answer)["input_ids"]
         n_prompt = len(tok(prompt)["input_ids"])
     else:
         whole = tok(answer)["input_ids"]
         n_prompt = 0
-    if tok.eos_token_id is not None:
+    if eos and tok.eos_token_id is not None:
         whole = whole + [tok.eos_token_id]
     if n_prompt >= max_len:
         return None
@@ -178,7 +179,7 @@ def build_choice_examples(spec: ExpertSpec, tok) -> list[tuple[list[tuple[list[i
         for row in rows:
             if "choices" not in row:
                 raise ValueError(f"{spec.name}: objective='rank' needs multiple-choice rows; {task} has text rows")
-            encs = [_encode(tok, row["query"], " " + c, spec.max_len) for c in row["choices"]]
+            encs = [_encode(tok, row["query"], " " + c, spec.max_len, eos=False) for c in row["choices"]]
             if all(e is not None for e in encs):
                 out.append((encs, int(row["gold"])))
     if not out:
@@ -227,11 +228,12 @@ def _loss(model, input_ids, mask, labels, gold) -> torch.Tensor:
     log-probabilities of the choice's tokens), computed from the same forward pass."""
     if gold is None:
         return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
     tgt = labels[:, 1:]
+    token_logp = -torch.nn.functional.cross_entropy(  # fused: no (tokens x vocab) log-softmax is kept
+        logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="none")
     keep = tgt != -100
-    token_logp = torch.log_softmax(logits, dim=-1).gather(2, tgt.clamp(min=0)[..., None])[..., 0] * keep
-    seq_logp = token_logp.sum(1).view(len(gold), -1)  # (rows, choices)
+    seq_logp = token_logp.view_as(tgt).sum(1).view(len(gold), -1)  # (rows, choices)
     rows = torch.arange(len(gold))
     n_gold = keep.sum(1).view(len(gold), -1)[rows, gold].clamp(min=1)
     lm = -(seq_logp[rows, gold] / n_gold).mean()
