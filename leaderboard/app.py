@@ -95,12 +95,15 @@ HELP = {"score": "mean headline score over the selected units (published: the pa
 NUM = {"score": "{:.4f}", "mean": "{:.4f}", "std": "{:.4f}", "value": "{:.4f}", "mean_score": "{:.4f}",
        "p_best": "{:.2f}", "p_gt_base": "{:.2f}", "p_gt_best_expert": "{:.2f}", "gain_vs_base_pp": "{:+.2f}",
        "gain_vs_best_expert_pp": "{:+.2f}", "merge_wall_s": "{:.2f}", "merge_peak_gib": "{:.2f}",
-       "merging_loss_pct": "{:+.1f}", "rank": "{:.0f}", "n_units": "{:.0f}", "units": "{:.0f}", "n": "{:.0f}"}
+       "merging_loss_pct": "{:+.1f}", "rank": "{:.0f}", "n_units": "{:.0f}", "units": "{:.0f}", "n": "{:.0f}",
+       "p": "{:.2g}", "statistic": "{:.3f}"}
 
 
 def table(d: pd.DataFrame, **kw):
     """A dataframe with blank (not 'None') missing cells, fixed number formats and tinted sources."""
     d = d.dropna(axis=1, how="all").reset_index(drop=True)
+    text = [c for c in d if d[c].dtype == object or pd.api.types.is_string_dtype(d[c])]
+    d[text] = d[text].astype(object).where(d[text].notna(), "")  # the grid shows a missing string as 'None'
     sty = d.style.format({k: v for k, v in NUM.items() if k in d and pd.api.types.is_numeric_dtype(d[k])},
                          na_rep="").format(na_rep="", subset=[c for c in d if not pd.api.types.is_numeric_dtype(d[c])])
     if "source" in d:
@@ -172,8 +175,8 @@ def page_scaling():
         st.info("No unit of this selection recorded its task-vector norm "
                 "(`mergebench eval` measures it for every merged and expert unit).")
         return
-    st.markdown("How far each merge moves from the base, ‖θ_merged − θ_base‖₂, mean ± 1 std over the subsets "
-                "(seed 001 Fig. 4: the merges that stay near the base keep its accuracy; single experts at n = 1).")
+    st.markdown("How far each merge moves from the base, ‖θ_merged − θ_base‖₂ over all weights, mean ± 1 std "
+                "over the subsets of each size (seed 001 Fig. 4); single experts at n = 1.")
     st.altair_chart(charts.scaling(norms, y_title="‖θ − θ_base‖₂"), width="stretch")
 
 

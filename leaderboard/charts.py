@@ -25,8 +25,8 @@ def scaling(d: pd.DataFrame, paper: pd.DataFrame | None = None, y_title: str = "
     """Score (or another per-unit quantity) vs n, one line per method with a ±1 std band; the
     base model as a dashed rule."""
     merged = d[d["role"] != "base"].assign(lo=lambda x: x["mean"] - x["std"], hi=lambda x: x["mean"] + x["std"])
-    color = alt.Color("method:N", title="method")
-    x = alt.X("n:Q", title="models merged (n)", axis=alt.Axis(tickMinStep=1))
+    color = alt.Color("method:N", title="method", scale=alt.Scale(scheme="tableau10"))
+    x = alt.X("n:Q", title="models merged (n)", axis=alt.Axis(tickMinStep=1), scale=alt.Scale(padding=14))
     band = alt.Chart(merged).mark_area(opacity=0.15).encode(x=x, y="lo:Q", y2="hi:Q", color=color)
     line = alt.Chart(merged).mark_line(point=True).encode(
         x=x, y=alt.Y("mean:Q", title=y_title, scale=alt.Scale(zero=False)), color=color,
@@ -63,7 +63,8 @@ def task_vs_n(d: pd.DataFrame) -> alt.Chart:
     m = d[d["role"] == "merged"]
     return alt.Chart(m).mark_line(point=True).encode(
         x=alt.X("n:Q", axis=alt.Axis(tickMinStep=1), title="n"),
-        y=alt.Y("value:Q", scale=alt.Scale(zero=False), title="score"), color="method:N",
+        y=alt.Y("value:Q", scale=alt.Scale(zero=False), title="score"),
+        color=alt.Color("method:N", scale=alt.Scale(scheme="tableau10")),
         tooltip=["method", "task", "n", alt.Tooltip("value:Q", format=".4f")]).properties(height=300)
 
 

@@ -227,14 +227,31 @@ def choices(con) -> dict[str, list]:
 # ---------------------------------------------------------------------------------- ranking
 
 
+def config_params(params_json: str | None) -> str:
+    """A configuration's parameters as given: stored params hold per-expert lists expanded to the
+    merge size (``density=0.1`` is stored as ``[0.1, 0.1]`` at n=2 and ``[0.1]*8`` at n=8), which
+    would split one configuration by n; a list of one repeated value is that value again."""
+    params = json.loads(params_json) if params_json else {}
+    return store.canonical_json({k: v[0] if isinstance(v, list) and v and all(x == v[0] for x in v) else v
+                                 for k, v in params.items()})
+
+
+def _with_config_params(frame: pd.DataFrame) -> pd.DataFrame:
+    """``params_json`` replaced by :func:`config_params` (computed once per distinct value)."""
+    if frame.empty:
+        return frame
+    lookup = {v: config_params(v) for v in frame["params_json"].dropna().unique()}
+    return frame.assign(params_json=frame["params_json"].map(lookup))
+
+
 def unit_table(con, f: Filters) -> pd.DataFrame:
     """Per-unit headline scores of the selection: merged units plus their base/expert references.
 
     The filter columns are constant within a unit, so rows are filtered before the reduction."""
     where, params = f.where(refs=True)
     cols = ", ".join(f"any_value({c}) AS {c}" for c in _UNIT_COLS)
-    return df(con, f"""SELECT unit_id, {cols}, avg(value) AS score, count(DISTINCT task) AS n_tasks
-                        FROM headline_rows WHERE {where} GROUP BY unit_id""", params)
+    return _with_config_params(df(con, f"""SELECT unit_id, {cols}, avg(value) AS score, count(DISTINCT task) AS n_tasks
+                        FROM headline_rows WHERE {where} GROUP BY unit_id""", params))
 
 
 def _variant(merged: pd.DataFrame) -> pd.Series:
@@ -397,11 +414,17 @@ def paper_per_task(con, f: Filters) -> pd.DataFrame:
 
 def method_rows(con, method: str) -> pd.DataFrame:
     """The exact configurations behind a method's run rows, with the command that reproduces each."""
-    out = df(con, """
-        SELECT suite, suite_version, profile, pool, base_model, method_version, params_json,
-               count(DISTINCT unit_id) AS units, min(seed) AS seed, list(DISTINCT n ORDER BY n) AS sizes,
-               list(DISTINCT run_id ORDER BY run_id) AS run_ids, avg(score) AS mean_score
-        FROM unit_scores WHERE method = ? AND role = 'merged' GROUP BY ALL ORDER BY suite, profile, pool""", [method])
+    units = _with_config_params(df(con, """
+        SELECT suite, suite_version, profile, pool, base_model, method_version, params_json, unit_id, seed, n,
+               run_id, score FROM unit_scores WHERE method = ? AND role = 'merged'""", [method]))
+    keys = ["suite", "suite_version", "profile", "pool", "base_model", "method_version", "params_json"]
+    g = units.groupby(keys, dropna=False, sort=True)
+    out = pd.DataFrame({
+        "units": g["unit_id"].nunique(), "seed": g["seed"].min(),
+        "sizes": g["n"].agg(lambda x: sorted(set(int(v) for v in x))),
+        "run_ids": g["run_id"].agg(lambda x: sorted(set(x))), "mean_score": g["score"].mean(),
+    }).reset_index() if not units.empty else pd.DataFrame(columns=keys + ["units", "seed", "sizes", "run_ids",
+                                                                          "mean_score"])
     out["command"] = [reproduce_command(method, r.suite, r.profile, r.pool, r.params_json, r.seed)
                       for r in out.itertuples()]  # one per configuration, not per result row
     return out

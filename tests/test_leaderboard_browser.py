@@ -152,8 +152,17 @@ def test_page_renders_in_chromium(server, browser, page):
 def test_ranking_table_content(server, browser, store_dir):
     _open(browser, server, "ranking")
     text = _grid_text(browser)
-    if os.environ.get("MERGEBENCH_SCREENSHOT_RESULTS"):
-        assert "published" in text
+    if os.environ.get("MERGEBENCH_SCREENSHOT_RESULTS"):  # a real store: the app's own ranking of the selection
+        from urllib.parse import parse_qsl
+
+        from mergebench import report
+
+        query = dict(parse_qsl(os.environ.get("MERGEBENCH_SCREENSHOT_QUERY", "")))
+        with report.connect(store_dir) as con:
+            rank = report.run_ranking(con, report.Filters(**{k: query.get(k) for k in ("suite", "profile", "pool")}))
+        pos = [text.find(m) for m in rank["method"]]
+        assert all(p >= 0 for p in pos) and pos == sorted(pos), (list(rank["method"]), text[:500])
+        assert "reproduced" in text or rank.empty
         return
     from mergebench import store
 
