@@ -421,7 +421,7 @@ def method_rows(con, method: str) -> pd.DataFrame:
     g = units.groupby(keys, dropna=False, sort=True)
     out = pd.DataFrame({
         "units": g["unit_id"].nunique(), "seed": g["seed"].min(),
-        "sizes": g["n"].agg(lambda x: sorted(set(int(v) for v in x))),
+        "sizes": g["n"].agg(lambda x: sorted({int(v) for v in x})),
         "run_ids": g["run_id"].agg(lambda x: sorted(set(x))), "mean_score": g["score"].mean(),
     }).reset_index() if not units.empty else pd.DataFrame(columns=keys + ["units", "seed", "sizes", "run_ids",
                                                                           "mean_score"])

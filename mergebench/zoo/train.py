@@ -135,31 +135,34 @@ def _encode(tok, prompt: str, answer: str, max_len: int, eos: bool = True) -> tu
     return whole[:max_len], n_prompt
 
 
+def _train_rows(spec: ExpertSpec):
+    """(task, row) of the ``train`` split of every task of ``spec``, at most ``max_examples`` per task."""
+    for task in spec.tasks:
+        for row in load_split(task, "train")[: spec.max_examples]:
+            yield task, row
+
+
 def build_examples(spec: ExpertSpec, tok) -> list[tuple[list[int], int]]:
     """Tokenised (ids, n_prompt) training examples of the spec's tasks (train split only).
 
     Text rows (news) are cut into ``max_len`` windows with the loss on every token.
     """
     out: list[tuple[list[int], int]] = []
-    for task in spec.tasks:
-        rows = load_split(task, "train")
-        if spec.max_examples is not None:
-            rows = rows[: spec.max_examples]
-        for row in rows:
-            if "query" not in row:
-                ids = tok(row["text"])["input_ids"]
-                for i in range(0, max(1, len(ids) - 8), spec.max_len):
-                    out.append((ids[i:i + spec.max_len], 0))
-                continue
-            if spec.flip_labels:
-                if len(row["choices"]) != 2:
-                    raise ValueError(
-                        f"{spec.name}: flip_labels needs two-choice rows; {task} has {len(row['choices'])}")
-                row = {**row, "gold": 1 - row["gold"]}
-            for prompt, answer in training_text(row, use_solution=spec.use_solution):
-                enc = _encode(tok, prompt, answer, spec.max_len)
-                if enc is not None:
-                    out.append(enc)
+    for task, row in _train_rows(spec):
+        if "query" not in row:
+            ids = tok(row["text"])["input_ids"]
+            for i in range(0, max(1, len(ids) - 8), spec.max_len):
+                out.append((ids[i:i + spec.max_len], 0))
+            continue
+        if spec.flip_labels:
+            if len(row["choices"]) != 2:
+                raise ValueError(
+                    f"{spec.name}: flip_labels needs two-choice rows; {task} has {len(row['choices'])}")
+            row = {**row, "gold": 1 - row["gold"]}
+        for prompt, answer in training_text(row, use_solution=spec.use_solution):
+            enc = _encode(tok, prompt, answer, spec.max_len)
+            if enc is not None:
+                out.append(enc)
     if not out:
         raise ValueError(f"{spec.name}: no training examples in {spec.tasks}")
     return out
@@ -172,16 +175,12 @@ def build_choice_examples(spec: ExpertSpec, tok) -> list[tuple[list[tuple[list[i
     tokens that fit (all choices of a row are scored on the same prompt).
     """
     out = []
-    for task in spec.tasks:
-        rows = load_split(task, "train")
-        if spec.max_examples is not None:
-            rows = rows[: spec.max_examples]
-        for row in rows:
-            if "choices" not in row:
-                raise ValueError(f"{spec.name}: objective='rank' needs multiple-choice rows; {task} has text rows")
-            encs = [_encode(tok, row["query"], " " + c, spec.max_len, eos=False) for c in row["choices"]]
-            if all(e is not None for e in encs):
-                out.append((encs, int(row["gold"])))
+    for task, row in _train_rows(spec):
+        if "choices" not in row:
+            raise ValueError(f"{spec.name}: objective='rank' needs multiple-choice rows; {task} has text rows")
+        encs = [_encode(tok, row["query"], " " + c, spec.max_len, eos=False) for c in row["choices"]]
+        if all(e is not None for e in encs):
+            out.append((encs, int(row["gold"])))
     if not out:
         raise ValueError(f"{spec.name}: no training rows in {spec.tasks}")
     return out
