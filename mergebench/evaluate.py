@@ -8,11 +8,12 @@ never used: it keys requests without the model's identity.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["TaskScore", "evaluate_model"]
+__all__ = ["TaskScore", "evaluate_model", "quiet_progress_bars"]
 
 _SKIP = ("alias", "samples", "sample_len", " ")
 
@@ -41,6 +42,7 @@ def evaluate_model(
     batch_size: int | str = 16,
     device: str = "cpu",
     fewshot: Mapping[str, int] | None = None,
+    quiet: bool = False,
 ) -> list[TaskScore]:
     """Evaluate ``model`` on ``tasks`` (zero-shot unless the task config says otherwise).
 
@@ -50,7 +52,8 @@ def evaluate_model(
     from it are scored on every document; entries for tasks not evaluated here are ignored, and
     an entry keyed by a group is refused (lm-eval would silently score every document).
     ``fewshot`` sets the number of in-context examples per task (or group: all its subtasks),
-    since lm-eval's own ``num_fewshot`` is one value for every task.
+    since lm-eval's own ``num_fewshot`` is one value for every task. ``quiet`` hides lm-eval's
+    and datasets' per-task and per-request progress bars (the caller draws its own).
     """
     import logging
 
@@ -74,16 +77,18 @@ def evaluate_model(
     groups = [loaded["groups"][n] for n in tasks if n in loaded["groups"]]
     grouped = {t.task_name for g in groups for t in g.get_all_tasks()}
     specs = groups + [t for name, t in loaded["tasks"].items() if name not in grouped]
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=specs,
-        task_manager=task_manager,
-        samples=chosen or None,
-        use_cache=None,
-        log_samples=False,
-        verbosity="WARNING",
-    )
+    lm = (_quiet_hflm() if quiet else HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                                             device=device)
+    with quiet_progress_bars() if quiet else contextlib.nullcontext():
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=specs,
+            task_manager=task_manager,
+            samples=chosen or None,
+            use_cache=None,
+            log_samples=False,
+            verbosity="WARNING",
+        )
     scores = []
     n_docs = out.get("n-samples", {})
     for task, metrics in out["results"].items():
@@ -113,3 +118,47 @@ def _set_fewshot(loaded: dict, fewshot: Mapping[str, int]) -> None:
     for name, k in fewshot.items():
         for leaf in leaves(name):
             loaded["tasks"][leaf].set_config(key="num_fewshot", value=int(k))
+
+
+def _quiet_hflm():
+    """lm-eval's HF model with the per-request progress bars off (its own ``disable_tqdm`` switch)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = True):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = True):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """Silence the tqdm bars of transformers (weight loading), datasets (split generation) and
+    lm-eval (building each task's requests) while a caller draws its own progress bar.
+    ``TQDM_DISABLE`` would do it, but tqdm reads it only when first imported, long before; so the
+    libraries' own switches are used, and lm-eval's task module gets a disabled ``tqdm``."""
+    import functools
+
+    import datasets
+    import lm_eval.api.task as task_module
+    from transformers.utils import logging as hf_logging
+
+    datasets_on, hf_on = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    made_bar = task_module.tqdm
+    task_module.tqdm = functools.partial(made_bar, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = made_bar
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if hf_on:
+            hf_logging.enable_progress_bar()

@@ -14,6 +14,8 @@ The flow (nothing expensive before everything cheap has been checked):
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import time
@@ -294,7 +296,16 @@ def _norm(plan: EvalPlan, wu: WorkUnit, merged=None) -> float:
     return task_vector_norm(plan.paths[plan.pool.base.name], model)
 
 
-def _run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size) -> tuple[list[dict], dict]:
+def _run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool = False
+              ) -> tuple[list[dict], dict]:
+    """Merge (or load) one unit's model and score it: (result rows, provenance)."""
+    from .evaluate import quiet_progress_bars
+
+    with quiet_progress_bars() if quiet else contextlib.nullcontext():
+        return _score_unit(plan, wu, device=device, batch_size=batch_size, quiet=quiet)
+
+
+def _score_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool):
     from .engine import load_merged_model
     from .evaluate import evaluate_model
 
@@ -315,7 +326,7 @@ def _run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size) -> tuple
         # keyed by leaf task: evaluate_model picks the entries of this unit's tasks and groups
         scores = evaluate_model(
             model, tok, tasks, plan.task_manager, samples=plan.samples, batch_size=batch_size, device=device,
-            fewshot={t.name: t.fewshot for t in wu.tasks if t.fewshot},
+            fewshot={t.name: t.fewshot for t in wu.tasks if t.fewshot}, quiet=quiet,
         )
     return _rows(scores, wu.tasks), prov
 
@@ -333,10 +344,6 @@ def run_eval(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    import os
-
-    if progress:
-        os.environ["TQDM_DISABLE"] = "1"  # lm-eval's per-request bars would drown ours
     results_dir = Path(results_dir)
     run_id = store.new_run_id()
     env = store.collect_environment(device)
@@ -351,7 +358,7 @@ def run_eval(
             bar.update(task, description=f"{'merging + ' if wu.role == 'merged' else ''}scoring {wu.label}")
             t0 = time.perf_counter()
             with torch.inference_mode():
-                rows, prov = _run_unit(plan, wu, device=device, batch_size=batch_size)
+                rows, prov = _run_unit(plan, wu, device=device, batch_size=batch_size, quiet=progress)
             rows = metrics.add_normalized(pd.DataFrame(rows))
             store.write_unit(wu.unit, rows, run_id=run_id, results_dir=results_dir, provenance={**env, **prov})
             stats["done"] += 1

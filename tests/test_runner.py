@@ -128,3 +128,23 @@ def test_task_vector_norms_are_recorded_and_backfilled(tiny_suites, tiny_pool, t
     assert again == pytest.approx(stored, rel=1e-6, abs=1e-12)
     assert pq.read_schema(files[0]).equals(store.PROVENANCE_SCHEMA, check_metadata=False)
     assert runner.backfill_task_vector_norms(plan, results, log=lambda m: None) == 0  # nothing left to do
+
+
+def test_progress_bar_run_hides_lm_eval_bars(tiny_suites, tmp_path, capfd):
+    """With mergebench's own progress bar, lm-eval's per-task and per-request tqdm bars and the
+    datasets split bars are off (TQDM_DISABLE is read only at import, so it cannot do this), and
+    lm-eval's module is left as it was."""
+    import lm_eval.api.task
+    from tqdm import tqdm
+
+    plan = plan_eval("linear", "tiny", log=lambda m: None)
+    plan.merges = plan.merges[:1]
+    plan.references = plan.references[:1]
+    run_eval(plan, tmp_path / "results", progress=True, log=lambda m: None)
+    out, err = capfd.readouterr()
+    for bar in ("Running loglikelihood requests", "Tokenizing inputs", "it/s]", "examples/s]"):
+        assert bar not in out + err, bar
+    assert lm_eval.api.task.tqdm is tqdm
+    run_eval(plan_eval("ties", "tiny", log=lambda m: None), tmp_path / "quiet_off", progress=False,
+             log=lambda m: None)
+    assert "Running loglikelihood requests" in "".join(capfd.readouterr())  # the bars are lm-eval's own

@@ -254,8 +254,6 @@ def run_sweep(
     results_dir = Path(results_dir).resolve()
     todo = sweep.pending(results_dir)
     stats = SweepStats(run_id or store.new_run_id(), units=len(sweep.jobs), cached=len(sweep.jobs) - len(todo))
-    if progress:
-        os.environ["TQDM_DISABLE"] = "1"  # lm-eval's per-request bars would drown ours
     t0 = time.perf_counter()
     title = f"sweep on {sweep.suite}:{sweep.profile.name} ({sweep.split}, {executor.name})"
     with _Progress(len(todo), title, progress) as bar:

@@ -130,7 +130,8 @@ def run_job(
         torch.set_num_threads(int(threads))
     plan = node_plan(plan)
     with torch.inference_mode():
-        rows, prov = runner._run_unit(plan, wu, device=device, batch_size=plan.profile.eval.batch_size)
+        rows, prov = runner._run_unit(plan, wu, device=device, batch_size=plan.profile.eval.batch_size,
+                                      quiet=True)
     frame = metrics.add_normalized(pd.DataFrame(rows))
     record = {**dict(_environment(device)), **prov, "host": host, "pid": pid, **dict(provenance)}
     res = store.write_unit(wu.unit, frame, run_id=run_id, results_dir=results_dir, provenance=record, exclusive=True)
