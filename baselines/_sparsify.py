@@ -113,13 +113,16 @@ def top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     mask = a > t
     missing = k - _count(mask)
     if missing > 0:
-        mask.view(-1)[_first_ties(a, t, missing)] = True
+        _set_first_ties(mask, a, t, missing, True)
     return mask
 
 
-def _first_ties(a: torch.Tensor, t: torch.Tensor, count: int) -> torch.Tensor:
-    """Flat indices of the first ``count`` elements of ``a`` equal to ``t`` (index order)."""
-    return torch.nonzero((a == t).view(-1))[:count, 0]
+def _set_first_ties(out: torch.Tensor, a: torch.Tensor, t: torch.Tensor, count: int, value) -> None:
+    """Set ``out`` to ``value`` at the first ``count`` elements of ``a`` equal to ``t``, in
+    row-major (logical) index order, whatever the memory layout of ``a`` and ``out``
+    (transposed views and strided slices included: ``view(-1)`` would fail on those)."""
+    flat = torch.nonzero((a == t).reshape(-1))[:count, 0]
+    out[torch.unravel_index(flat, out.shape)] = value
 
 
 def l1_rescale_(masked: torch.Tensor, l1_before: torch.Tensor) -> torch.Tensor:
@@ -160,7 +163,7 @@ def magnitude_trim_(delta: torch.Tensor, density: float, rescale: str | None = N
     keep = a.gt_(t)  # in place: 1.0 where |delta| > t, exactly k unless there are ties at t
     missing = k - _count(keep)
     if missing > 0:  # also keep the first `missing` entries with |delta| == t
-        keep.view(-1)[_first_ties(delta.abs(), t, missing)] = 1
+        _set_first_ties(keep, delta.abs(), t, missing, 1)
     delta.mul_(keep)
     if before is not None:
         l1_rescale_(delta, before)

@@ -11,9 +11,9 @@ from ._common import weighted_sum, weights_for
     "linear",
     citation="Wortsman et al., 2022. Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time. ICML.",
     params=[Param("normalize", "bool", True, help="divide by the sum of weights (a weighted mean)")],
-    contract=InputContract(base="unused", min_experts=1),
+    contract=InputContract(base="unused", min_experts=1, weights_normalized="normalize"),
     granularity="elementwise",
-    properties={"idempotent", "order_invariant"},
+    properties={"idempotent", "order_invariant", "nonfinite_propagates"},
 )
 def linear(base, experts, weights, params, ctx):
     """Weighted average of the experts' weights: sum_i w_i theta_i / sum_i w_i."""

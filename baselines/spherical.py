@@ -1,7 +1,10 @@
 """The spherical family: SLERP, layer-adaptive SLERP, Multi-SLERP and the Karcher mean.
 
-All four treat each tensor as one vector, split it into a direction on the unit sphere and
-a norm, combine the directions geodesically and the norms linearly. Norms and dot
+All four treat each tensor as one vector and measure angles between whole tensors. SLERP and
+layer-adaptive SLERP apply the sine coefficients to the raw weight vectors by default (the
+layer-adaptive SLERP paper, eq. 3 and Alg. 1 line 4, as mergekit does), or, with
+``norm="interpolate"``, to the unit directions with the norms interpolated linearly;
+Multi-SLERP and Karcher combine unit directions and rescale by the mean norm. Norms and dot
 products are accumulated in float32 (float64 for float64 inputs; Karcher's Gram matrix
 always in float64), angles and coefficients are computed in float64 on the host, and the
 merged tensor comes back in the experts' dtype and device.
@@ -10,10 +13,10 @@ Conventions shared by the family (and where they differ from mergekit 0.1.5):
 
 * One angle per tensor (the whole tensor is one vector, as in seed 003 Alg. 1 and seed 000
   Sec. 3.4), as mergekit 0.1.5's ``slerp`` also does.
-* Directions and norms are interpolated separately (seed 003 eq. 3 is stated for unit
-  vectors; seed 000 rescales the spherical mean by the mean norm). mergekit's ``slerp``
-  applies the sine coefficients to the raw, unnormalised tensors, which equals ours only
-  when the two norms are equal.
+* SLERP's two norm conventions agree when the two tensors have equal norms. With unequal
+  norms ``raw`` does not stay on the great circle between the directions' scales (its norm
+  is not the interpolated one), and for nearly antipodal tensors of unequal norms its
+  clipped coefficients reach ~1/sin(epsilon); ``interpolate`` stays bounded there.
 * 1-D tensors (norm weights, biases) and embeddings are handled exactly like matrices.
 """
 
@@ -110,15 +113,26 @@ def _slerp_coefficients(omega: float, t: float, eps: float) -> tuple[float, floa
     return math.sin((1.0 - t) * w) / s, math.sin(t * w) / s
 
 
-def _slerp_pair(
-    a: torch.Tensor, b: torch.Tensor, t: float, eps: float, stats: tuple[float, float, float] | None = None
-) -> torch.Tensor:
-    """Spherical interpolation of directions, linear interpolation of norms.
+NORM_MODES = ("raw", "interpolate")
 
-    result = [a_c * a/||a|| + b_c * b/||b||] * ((1 - t)||a|| + t||b||), computed as one fused
-    weighted sum of the two input tensors in their own dtype (no normalised copies; float64
-    only when the pair is nearly antipodal and the coefficients are huge).
-    If either tensor is zero its direction is undefined; the formula then degenerates to
+
+def _slerp_pair(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: float,
+    eps: float,
+    stats: tuple[float, float, float] | None = None,
+    norm: str = "raw",
+) -> torch.Tensor:
+    """SLERP of two tensors with one angle omega = angle(a, b), clipped to [eps, pi - eps].
+
+    ``norm="raw"`` (the layer-adaptive SLERP paper's eq. 3 / Alg. 1 line 4, and mergekit):
+    result = a_c * a + b_c * b with a_c = sin((1-t) omega) / sin omega, b_c = sin(t omega) / sin omega.
+    ``norm="interpolate"``: the coefficients act on the unit directions and the result is
+    rescaled to the interpolated norm, [a_c * a/||a|| + b_c * b/||b||] * ((1 - t)||a|| + t||b||).
+    Either way one fused weighted sum of the two inputs in their own dtype (no normalised
+    copies; float64 only when the pair is nearly antipodal and the coefficients are huge).
+    If either tensor is zero (or holds NaN/inf) the angle is undefined; both rules then give
     (1 - t) a + t b, which is what we return.
     """
     dot, na, nb = stats if stats is not None else _pair_stats(a, b)
@@ -126,8 +140,13 @@ def _slerp_pair(
     if omega is None:
         return weighted_sum([a, b], [1.0 - t, t])
     ca, cb = _slerp_coefficients(omega, t, eps)
-    scale = (1.0 - t) * na + t * nb
-    coeffs = [ca * scale / na, cb * scale / nb]
+    if norm == "raw":
+        coeffs = [ca, cb]
+    elif norm == "interpolate":
+        scale = (1.0 - t) * na + t * nb
+        coeffs = [ca * scale / na, cb * scale / nb]
+    else:
+        raise ValueError(f"unknown SLERP norm mode {norm!r}; use one of {', '.join(NORM_MODES)}")
     if max(abs(ca), abs(cb)) > 1e3 and a.dtype != torch.float64:
         # nearly antipodal: the two huge terms cancel; sum them in float64 so exactly
         # antipodal low-precision inputs keep the finite limit instead of rounding noise
@@ -140,7 +159,15 @@ _EPS = Param(
     "epsilon", "float", 1e-6, gt=0.0, lt=math.pi / 2,
     help="angle clipping: omega is clipped to [epsilon, pi - epsilon] (seed 003)",
 )
+_NORM = Param(
+    "norm", "str", "raw", choices=NORM_MODES,
+    help="'raw': sine coefficients on the raw weight vectors (the layer-adaptive SLERP paper, eq. 3 / "
+    "Alg. 1; mergekit); 'interpolate': on the unit directions, with the norms interpolated linearly",
+)
 _TWO = InputContract(base="unused", min_experts=2, max_experts=2, per_expert_weights=False)
+_BASE_AND_ONE_OR_TWO = InputContract(
+    base="optional", min_experts=1, max_experts=2, min_models=2, per_expert_weights=False
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -149,29 +176,40 @@ _TWO = InputContract(base="unused", min_experts=2, max_experts=2, per_expert_wei
 
 @method(
     "slerp",
-    citation=f"{SHOEMAKE_1985} Applied to LLM weights as in: {RAGE_SEED003} (eq. 3)",
-    params=[_T, _EPS],
-    contract=_TWO,
+    version="2.0",
+    citation=f"{SHOEMAKE_1985} Applied to LLM weights as in: {RAGE_SEED003} (eq. 3, Alg. 1)",
+    params=[_T, _EPS, _NORM],
+    contract=_BASE_AND_ONE_OR_TWO,
     granularity="tensor",
-    properties={"idempotent"},
+    properties={"idempotent", "nonfinite_propagates"},
 )
 def slerp(base, experts, weights, params, ctx):
-    """Spherical linear interpolation of two models, one angle per tensor (seed 003 eq. 3).
+    """Spherical linear interpolation of two models, one angle per tensor (layer-adaptive SLERP paper, eq. 3).
 
-    Seed 003 states eq. 3 for unit-norm parameters. mergebench reads that literally: each
-    tensor is split into its unit direction and its norm; the directions are interpolated
-    along the great circle with omega = angle(theta_1, theta_2) clipped to
-    [epsilon, pi - epsilon], and the result is rescaled by the linearly interpolated norm
-    (1 - t)||theta_1|| + t||theta_2||. t=0 gives experts[0], t=1 gives experts[1]; nearly
-    collinear (or antipodal) pairs stay finite through the clipping, and a zero tensor
-    makes the rule fall back to linear interpolation.
+    The two models are a base and one expert (mergekit's convention: t=0 gives the base, t=1
+    the expert), or two experts (t=0 gives experts[0], t=1 experts[1]; a base given as well
+    then only supplies config and tokenizer). omega = angle(theta_1, theta_2), the angle
+    between the whole tensors, clipped to [epsilon, pi - epsilon].
 
-    Differences from mergekit 0.1.5 ``slerp``: mergekit needs a base model (t=0 is the
-    base), applies the coefficients to the raw tensors
-    (no norm interpolation) and switches to linear interpolation when |cos| > 0.9995.
+    ``norm="raw"`` (default; the paper's eq. 3 and Alg. 1 line 4, as mergekit computes it):
+    theta = sin((1-t) omega)/sin(omega) theta_1 + sin(t omega)/sin(omega) theta_2 on the raw
+    weight vectors. ``norm="interpolate"`` (mergebench 1.x's rule): the same coefficients on
+    the unit directions, rescaled by the interpolated norm (1 - t)||theta_1|| + t||theta_2||,
+    so the result's norm is exactly that. The two agree when the norms are equal. Nearly
+    collinear pairs stay finite through the clipping (both tend to linear interpolation);
+    exactly antipodal pairs tend to cos(pi t) theta_1 for equal norms, while for unequal norms
+    the raw coefficients grow to ~1/sin(epsilon). A zero tensor has no angle: both rules fall
+    back to (1 - t) theta_1 + t theta_2.
+
+    Differences from mergekit 0.1.5 ``slerp``: mergekit switches to linear interpolation
+    when |cos| > 0.9995 (here the clipped formula is kept), gives sin(t pi/2) theta_2 when
+    theta_1 is all zeros (it takes the angle as pi/2), and needs a base.
     """
-    _check_same_shape(experts, ctx)
-    return _slerp_pair(experts[0], experts[1], params["t"], params["epsilon"])
+    _check_same_shape(experts, ctx, base if len(experts) == 1 else None)
+    first, second = (experts[0], experts[1]) if len(experts) == 2 else (base, experts[0])
+    if first is None:
+        raise ValueError(f"{ctx.name}: slerp needs two models: a base and one expert, or two experts")
+    return _slerp_pair(first, second, params["t"], params["epsilon"], norm=params["norm"])
 
 
 # --------------------------------------------------------------------------------------
@@ -252,6 +290,7 @@ def mean_layer_angle(model_stats: Mapping[str, Mapping[str, float]]) -> float | 
 
 @method(
     "layer_adaptive_slerp",
+    version="2.0",
     citation=RAGE_SEED003 + " Sec. III-A, eq. 4 and Alg. 1.",
     params=[
         Param(
@@ -273,11 +312,12 @@ def mean_layer_angle(model_stats: Mapping[str, Mapping[str, float]]) -> float | 
             "(default pi/4: unrelated parents are ~pi/2 apart, fine-tunes of one base far less)",
         ),
         _EPS,
+        _NORM,
     ],
     contract=_TWO,
     granularity="tensor",
     prepass=_angle_prepass,
-    properties={"idempotent"},
+    properties={"idempotent", "nonfinite_propagates"},
 )
 def layer_adaptive_slerp(base, experts, weights, params, ctx):
     """SLERP with a coefficient per layer and module type (seed 003 eq. 4, Alg. 1).
@@ -292,7 +332,9 @@ def layer_adaptive_slerp(base, experts, weights, params, ctx):
 
     Guardrail (Sec. III-A (i)): the prepass measures every tensor; if the mean layer angle
     (see :func:`mean_layer_angle`) exceeds ``tau_omega``, the whole model falls back to
-    global SLERP with ``t``. Each tensor is then merged exactly as :func:`slerp` does. The
+    global SLERP with ``t``. Each tensor is then merged exactly as :func:`slerp` does (Alg. 1
+    line 4: the coefficients apply to the raw weight vectors; ``norm="interpolate"`` for
+    the unit-direction variant). The
     paper gives no value for tau_omega; the default pi/4 fires only for parents that are
     barely related (independent random layers are ~pi/2 apart, so pi/2 would never fire).
     The tokenizer-overlap guardrail and Procrustes alignment of the paper are out of scope.
@@ -315,7 +357,7 @@ def layer_adaptive_slerp(base, experts, weights, params, ctx):
         by_kind = {ModuleKind.ATTENTION: params["t_attention"], ModuleKind.MLP: params["t_mlp"]}
         schedule = by_kind.get(ctx.kind, params["t_other"])
         t = _schedule_value(schedule, ctx.depth)
-    return _slerp_pair(experts[0], experts[1], t, params["epsilon"], stats)
+    return _slerp_pair(experts[0], experts[1], t, params["epsilon"], stats, norm=params["norm"])
 
 
 # --------------------------------------------------------------------------------------
@@ -332,9 +374,9 @@ def layer_adaptive_slerp(base, experts, weights, params, ctx):
         Param("normalize_weights", "bool", True, help="divide the per-expert weights by their sum"),
         Param("eps", "float", 1e-8, gt=0.0, help="a weighted mean direction shorter than this is degenerate"),
     ],
-    contract=InputContract(base="optional", min_experts=2),
+    contract=InputContract(base="optional", min_experts=2, weights_normalized="normalize_weights"),
     granularity="tensor",
-    properties={"idempotent", "order_invariant", "identity_on_base"},
+    properties={"idempotent", "order_invariant", "identity_on_base", "nonfinite_propagates"},
 )
 def multislerp(base, experts, weights, params, ctx):
     """Weighted spherical barycentre in one exponential-map step (mergekit's Multi-SLERP rule).
@@ -399,10 +441,10 @@ def multislerp(base, experts, weights, params, ctx):
         Param("tol", "float", 1e-5, gt=0.0, help="stop when the norm of the mean tangent vector is below this"),
         Param("eta", "float", 1.0, gt=0.0, le=1.0, help="step size of the exponential-map update (seed 000 eq. 5)"),
     ],
-    contract=InputContract(base="unused", min_experts=1),
+    contract=InputContract(base="unused", min_experts=1, weights_normalized=True, nonnegative_weights=True),
     granularity="tensor",
     aux_inputs=("fisher",),
-    properties={"idempotent", "order_invariant"},
+    properties={"idempotent", "order_invariant", "nonfinite_propagates"},
 )
 def karcher(base, experts, weights, params, ctx):
     """Weighted Karcher mean on the unit sphere, rescaled by the mean norm (seed 000 Sec. 3.3-3.4).
@@ -431,7 +473,10 @@ def karcher(base, experts, weights, params, ctx):
     first ||v|| < tol).
 
     Zero tensors have no direction: they are left out of the direction mean but still count
-    (with norm 0) in the norm average; all-zero inputs give zeros.
+    (with norm 0) in the norm average; all-zero inputs give zeros. Only exact zeros are left
+    out (mergekit 0.1.5 also drops inputs whose norm is at most ``tol``). A tensor holding
+    NaN/inf has no direction either: the result is then the weighted linear mean, so the
+    non-finite values reach the output instead of vanishing.
     """
     _check_same_shape(experts, ctx)
     n_exp = len(experts)
@@ -502,8 +547,17 @@ def _sphere_karcher_coefficients(
     return beta
 
 
+def _nonfinite_mean(experts, alpha) -> torch.Tensor:
+    """A NaN/inf input has no direction: the weighted linear mean, so every non-finite input
+    element reaches the output (instead of the zeros a skipped input would give)."""
+    acc = _acc_dtype(experts[0])
+    return weighted_sum([e.to(acc) for e in experts], alpha).to(experts[0].dtype)
+
+
 def _karcher_gram(experts, alpha, params):
     g = _gram(experts)
+    if not bool(torch.isfinite(g.diagonal()).all()):
+        return _nonfinite_mean(experts, alpha)
     norms = g.diagonal().clamp_min(0).sqrt().tolist()
     scale = sum(a * n for a, n in zip(alpha, norms))
     valid = [i for i, n in enumerate(norms) if n > 0.0 and alpha[i] > 0.0]
@@ -534,6 +588,8 @@ def _karcher_fisher(experts, alpha, fisher, params, ctx):
     numel = xs[0].numel()
     fisher = _fisher_inputs(fisher, ctx, n_exp, numel, acc)
     norms = torch.stack([torch.linalg.vector_norm(x) for x in xs]).tolist()  # one host sync
+    if not all(math.isfinite(n) for n in norms):
+        return _nonfinite_mean(experts, alpha)
     scale = sum(a * n for a, n in zip(alpha, norms))
     valid = [i for i in range(n_exp) if norms[i] > 0.0 and alpha[i] > 0.0]
     if not valid or not math.isfinite(scale) or scale == 0.0:

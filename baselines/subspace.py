@@ -80,9 +80,7 @@ def _task_sum(
     (so nearly equal weights do not cancel catastrophically); two buffers, no stack."""
     acc = torch.zeros(base.shape, dtype=dtype, device=base.device)
     tmp = torch.empty_like(acc)
-    for e, c in zip(experts, w):
-        if c == 0.0:
-            continue
+    for e, c in zip(experts, w):  # weight 0 too: adds nothing, but NaN/inf inputs stay visible
         tmp.copy_(e)
         tmp.sub_(base)
         acc.add_(tmp, alpha=c)
@@ -108,6 +106,14 @@ def _rank_mask(s: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Boolean mask of the numerically nonzero singular values ``s`` (sorted descending)."""
     tol = s[:1] * (max(shape) * torch.finfo(s.dtype).eps)
     return s > tol
+
+
+def _svd(a: torch.Tensor):
+    """Thin SVD; a matrix holding NaN/inf is an error (LAPACK may return finite garbage for
+    it, e.g. a zero update, which would hide the bad values)."""
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError("cannot take the SVD of a matrix holding NaN/inf values")
+    return torch.linalg.svd(a, full_matrices=False)
 
 
 def _polar(a: torch.Tensor) -> torch.Tensor:
@@ -137,9 +143,9 @@ def _finish(base: torch.Tensor, delta: torch.Tensor, lam: float, like: torch.Ten
         _P_SVD_EMB,
         _P_FALLBACK_MEAN,
     ],
-    contract=InputContract(base="required", min_experts=1),
+    contract=InputContract(base="required", min_experts=1, weights_normalized="fallback_mean"),
     granularity="matrix",
-    properties={"identity_on_base", "order_invariant"},
+    properties={"identity_on_base", "order_invariant", "nonfinite_propagates"},
 )
 def tsv_merge(base, experts, weights, params, ctx):
     """TSV-Merge: per-task truncated SVD, Procrustes-orthogonalized bases, one low-rank update.
@@ -174,7 +180,7 @@ def tsv_merge(base, experts, weights, params, ctx):
     for i, (e, c) in enumerate(zip(experts, w)):
         delta.copy_(e)
         delta.sub_(base)
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        u, s, vh = _svd(delta)
         cols = slice(i * k, (i + 1) * k)
         u_cat[:, cols] = u[:, :k]
         torch.mul(s[:k], c, out=s_cat[cols])
@@ -194,9 +200,9 @@ def tsv_merge(base, experts, weights, params, ctx):
     "iso_c",
     citation=_CITE_ISO,
     params=[_P_LAMBDA, _P_SVD_EMB, _P_FALLBACK_MEAN],
-    contract=InputContract(base="required", min_experts=1),
+    contract=InputContract(base="required", min_experts=1, weights_normalized="fallback_mean"),
     granularity="matrix",
-    properties={"identity_on_base", "order_invariant"},
+    properties={"identity_on_base", "order_invariant", "nonfinite_propagates"},
 )
 def iso_c(base, experts, weights, params, ctx):
     """Iso-C: task-arithmetic update with its singular spectrum flattened to the mean.
@@ -216,7 +222,7 @@ def iso_c(base, experts, weights, params, ctx):
     if not _uses_svd(base, params, ctx):
         return _task_arithmetic_fallback(base, experts, w, lam, params["fallback_mean"], ctx)
     delta = _task_sum(base, experts, w, _svd_dtype(base))
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, s, vh = _svd(delta)
     keep = _rank_mask(s, base.shape)
     count = keep.sum().clamp_(min=1).to(s.dtype)
     mean = torch.where(keep, s, 0).sum() / count
@@ -235,7 +241,7 @@ def _boost(delta: torch.Tensor, beta: float) -> torch.Tensor:
     singular values; sigma_j for j > j* (j <= r) is raised to sigma_{j*}. Comparing the
     cumulative sum with beta * total (total = its last entry) makes beta = 1 exact: j* = r.
     """
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, s, vh = _svd(delta)
     keep = _rank_mask(s, delta.shape)
     s_kept = torch.where(keep, s, 0)
     csum = torch.cumsum(s_kept, 0)
@@ -355,7 +361,7 @@ _PASSTHROUGH_NAMES = tuple(p.name for p in _PASSTHROUGH)
     contract=InputContract(base="required", min_experts=1),
     granularity="matrix",
     stochastic=True,  # the wrapped method may be (DARE, DELLA); it then draws from ctx.generator
-    properties={"identity_on_base"},
+    properties={"identity_on_base", "nonfinite_propagates"},
     validate=_checks_inner(_PASSTHROUGH_NAMES),
 )
 def subspace_boosting(base, experts, weights, params, ctx):
@@ -385,9 +391,9 @@ def subspace_boosting(base, experts, weights, params, ctx):
         Param("normalize", "bool", None, nullable=True, help="passed to task_arithmetic (None: its default)"),
         _P_SVD_EMB,
     ],
-    contract=InputContract(base="required", min_experts=1),
+    contract=InputContract(base="required", min_experts=1, weights_normalized="normalize"),
     granularity="matrix",
-    properties={"identity_on_base", "order_invariant"},
+    properties={"identity_on_base", "order_invariant", "nonfinite_propagates"},
     validate=_checks_inner(("normalize",), "task_arithmetic"),
 )
 def ta_sb(base, experts, weights, params, ctx):
@@ -415,7 +421,7 @@ def ta_sb(base, experts, weights, params, ctx):
     ],
     contract=InputContract(base="required", min_experts=1),
     granularity="matrix",
-    properties={"identity_on_base", "order_invariant"},
+    properties={"identity_on_base", "order_invariant", "nonfinite_propagates"},
     validate=_checks_inner(("density", "normalize", "consensus"), "ties"),
 )
 def ties_sb(base, experts, weights, params, ctx):

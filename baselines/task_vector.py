@@ -118,6 +118,8 @@ _NORM_LINEAR = "divide the weighted sum by the sum of the weights (a weighted me
 _NORM_TIES = "divide each entry by the summed weights of the experts that agree with the elected sign there"
 
 CONTRACT = InputContract(base="required", min_experts=1)
+CONTRACT_MEAN = InputContract(base="required", min_experts=1, weights_normalized="normalize")
+"""Linear-family contract: with ``normalize`` the kernel divides by the sum of the weights."""
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -169,13 +171,10 @@ def _linear_merge(base, experts, weights, lam: float, normalize: bool, ctx, spar
     acc = torch.zeros_like(base)
     tmp = torch.empty_like(base)
     for i, (e, c) in enumerate(zip(experts, w)):
-        if c == 0 and sparsify is None:
-            continue
         torch.sub(e, base, out=tmp)
         if sparsify is not None:
             sparsify(tmp, i)  # even at weight 0, so random draws do not depend on the weights
-        if c != 0:
-            acc.add_(tmp, alpha=c)
+        acc.add_(tmp, alpha=c)  # also at weight 0: adds nothing, but NaN/inf inputs stay visible
     return acc.mul_(scale).add_(base)
 
 
@@ -193,6 +192,7 @@ def _disjoint_merge(stack: torch.Tensor, merge_w: Sequence[float], elect_w: Sequ
     agree = torch.empty_like(stack[0])
     for d, c, e in zip(stack, merge_w, elect_w):
         if c == 0 or e == 0:
+            mixed.add_(d, alpha=0.0)  # contributes nothing, but NaN/inf inputs stay visible
             continue
         torch.mul(d, sgn, out=agree)
         (agree.gt_ if e > 0 else agree.lt_)(0)  # in place: 1.0 where sign(e * d) == elected sign
@@ -253,9 +253,9 @@ def _breadcrumbs_sparsifier(params, n, name) -> Sparsifier:
     "task_arithmetic",
     citation=TA_CITATION + " Normalized form: seed 001, App. C, eq. 12.",
     params=[LAMBDA, _normalize(False, _NORM_LINEAR)],
-    contract=CONTRACT,
+    contract=CONTRACT_MEAN,
     granularity="elementwise",
-    properties={"identity_on_base", "order_invariant"},
+    properties={"identity_on_base", "order_invariant", "nonfinite_propagates"},
 )
 def task_arithmetic(base, experts, weights, params, ctx):
     """Task arithmetic: theta_0 + lambda * sum_i alpha_i (theta_i - theta_0), optionally / sum_i alpha_i.
@@ -271,7 +271,7 @@ def task_arithmetic(base, experts, weights, params, ctx):
     citation=TIES_CITATION,
     params=[DENSITY, LAMBDA, _normalize(True, _NORM_TIES), CONSENSUS, RESCALE_DET],
     contract=CONTRACT,
-    properties={"identity_on_base", "order_invariant", "idempotent"},
+    properties={"identity_on_base", "order_invariant", "idempotent", "nonfinite_propagates"},
 )
 def ties(base, experts, weights, params, ctx):
     """TIES-Merging: trim each task vector to its top-density entries by magnitude, elect signs, disjoint-merge.
@@ -289,9 +289,9 @@ def ties(base, experts, weights, params, ctx):
     "dare_linear",
     citation=DARE_CITATION,
     params=[KEEP_PROB, LAMBDA, _normalize(False, _NORM_LINEAR), RESCALE_RANDOM],
-    contract=CONTRACT,
+    contract=CONTRACT_MEAN,
     stochastic=True,
-    properties={"identity_on_base"},
+    properties={"identity_on_base", "nonfinite_propagates"},
 )
 def dare_linear(base, experts, weights, params, ctx):
     """DARE + task arithmetic: drop each delta entry with probability 1 - density, rescale, add.
@@ -310,7 +310,7 @@ def dare_linear(base, experts, weights, params, ctx):
     params=[KEEP_PROB, LAMBDA, _normalize(False, _NORM_TIES), CONSENSUS, RESCALE_RANDOM],
     contract=CONTRACT,
     stochastic=True,
-    properties={"identity_on_base"},
+    properties={"identity_on_base", "nonfinite_propagates"},
 )
 def dare_ties(base, experts, weights, params, ctx):
     """DARE drop-and-rescale on each task vector, then TIES sign election and disjoint merge.
@@ -325,10 +325,10 @@ def dare_ties(base, experts, weights, params, ctx):
     "della_linear",
     citation=DELLA_CITATION,
     params=[KEEP_PROB, EPSILON, LAMBDA, _normalize(False, _NORM_LINEAR), RESCALE_RANDOM],
-    contract=CONTRACT,
+    contract=CONTRACT_MEAN,
     stochastic=True,
     validate=_validate_della("della_linear"),
-    properties={"identity_on_base"},
+    properties={"identity_on_base", "nonfinite_propagates"},
 )
 def della_linear(base, experts, weights, params, ctx):
     """DELLA MagPrune (magnitude-ranked keep probabilities in [p - eps, p + eps]) then task arithmetic.
@@ -351,7 +351,7 @@ def della_linear(base, experts, weights, params, ctx):
     contract=CONTRACT,
     stochastic=True,
     validate=_validate_della("della_ties"),
-    properties={"identity_on_base", "idempotent"},
+    properties={"identity_on_base", "idempotent", "nonfinite_propagates"},
 )
 def della_ties(base, experts, weights, params, ctx):
     """DELLA: MagPrune each task vector, elect signs, disjoint-merge (mergekit's 'della').
@@ -367,8 +367,8 @@ def della_ties(base, experts, weights, params, ctx):
     "breadcrumbs",
     citation=BREADCRUMBS_CITATION,
     params=[DENSITY, GAMMA, LAMBDA, _normalize(False, _NORM_LINEAR), RESCALE_DET],
-    contract=CONTRACT,
-    properties={"identity_on_base", "order_invariant"},
+    contract=CONTRACT_MEAN,
+    properties={"identity_on_base", "order_invariant", "nonfinite_propagates"},
 )
 def breadcrumbs(base, experts, weights, params, ctx):
     """Model Breadcrumbs: drop the largest-gamma and the smallest entries of each task vector, keep density, add.
@@ -386,7 +386,7 @@ def breadcrumbs(base, experts, weights, params, ctx):
     citation=BREADCRUMBS_CITATION + _WITH_TIES,
     params=[DENSITY, GAMMA, LAMBDA, _normalize(False, _NORM_TIES), CONSENSUS, RESCALE_DET],
     contract=CONTRACT,
-    properties={"identity_on_base", "order_invariant"},
+    properties={"identity_on_base", "order_invariant", "nonfinite_propagates"},
 )
 def breadcrumbs_ties(base, experts, weights, params, ctx):
     """Model Breadcrumbs masks, then TIES sign election and disjoint merge."""
@@ -399,7 +399,7 @@ def breadcrumbs_ties(base, experts, weights, params, ctx):
     citation=SCE_CITATION,
     params=[SELECT_TOPK],
     contract=InputContract(base="required", min_experts=1, per_expert_weights=False),
-    properties={"identity_on_base", "order_invariant", "idempotent"},
+    properties={"identity_on_base", "order_invariant", "idempotent", "nonfinite_propagates"},
 )
 def sce(base, experts, weights, params, ctx):
     """SCE: select high-variance entries, calculate weights from squared magnitudes, erase minority signs, merge.

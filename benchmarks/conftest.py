@@ -32,6 +32,7 @@ _OPTIONS = [
     ("--e2e-threads", "MERGEBENCH_E2E_THREADS", "1", "torch threads given to each tool in the end-to-end runs"),
     ("--e2e-dir", "MERGEBENCH_E2E_DIR", "", "folder keeping the synthetic checkpoints between runs (default: temp)"),
     ("--skip-mergekit", "MERGEBENCH_SKIP_MERGEKIT", "0", "1: time mergebench only (no comparison)"),
+    ("--scorer-dtype", "MERGEBENCH_SCORER_DTYPE", "float32", "dtype of the model in the scorer benchmark (float32, bfloat16)"),
 ]
 
 
@@ -143,6 +144,20 @@ def pytest_terminal_summary(terminalreporter, config):
             tr.write_line(
                 f"{r['method']:<22}{r['shape']:>12}{r['n']:>4}{r['threads']:>4}{r['seconds']:>10.4f}{r['gbps']:>10.2f}{ratio:>8}"
             )
+    if res.get("scorer"):
+        rows = {r["scorer"]: r for r in res["scorer"]}
+        tr.write_line(f"{'scorer':<8}{'device':>7}{'dtype':>10}{'thr':>4}{'seconds':>9}{'docs/s':>8}{'req/s':>8}"
+                      f"{'x stock':>8}{'floor s':>9}{'x floor':>8}")
+        stock = rows.get("hflm", {}).get("seconds")
+        floor = rows.get("shared", {}).get("floor_s")
+        for r in res["scorer"]:
+            tr.write_line(
+                f"{r['scorer']:<8}{r['device']:>7}{r['dtype']:>10}{r['threads']:>4}{r['seconds']:>9.1f}"
+                f"{r['docs_per_s']:>8.1f}{r['requests_per_s']:>8.1f}"
+                + (f"{stock / r['seconds']:>8.2f}" if stock else f"{'-':>8}")
+                + (f"{floor:>9.1f}{r['seconds'] / floor:>8.2f}" if floor else f"{'-':>9}{'-':>8}")
+            )
+        tr.write_line(f"floor: unique tokens x 2 x parameters at {res['scorer'][0]['gflops']:.0f} GFLOP/s (matmul, measured)")
     if res.get("e2e"):
         tr.write_line(
             f"{'method':<14}{'mb wall s':>10}{'mk wall s':>10}{'speedup':>9}{'mb merge s':>11}{'mk merge s':>11}"

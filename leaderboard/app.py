@@ -78,7 +78,7 @@ st.caption(f"{PAGES[page]} · suite **{suite or 'all'}** · profile **{profile o
 
 LABELS = {"rank": "rank", "score": "score", "ci": "95% CI", "ranks": "rank range", "p_best": "P(best)",
           "p_gt_base": "P(>base)", "gain_vs_base_pp": "Δ base (pp)", "p_gt_best_expert": "P(>best exp.)",
-          "gain_vs_best_expert_pp": "Δ best exp. (pp)", "merge_wall_s": "merge s", "merge_peak_gib": "peak GiB",
+          "gain_vs_best_expert_pp": "Δ best exp. (pp)", "merge_wall_s": "merge s", "merge_peak_gib": "peak GiB", "eval_wall_s": "eval s",
           "merging_loss_pct": "merging loss %", "n_units": "units", "mean_score": "mean score"}
 HELP = {"score": "mean headline score over the selected units (published: the paper's reported average)",
         "ci": "95% percentile bootstrap interval of the mean (units resampled)",
@@ -89,13 +89,14 @@ HELP = {"score": "mean headline score over the selected units (published: the pa
         "p_gt_best_expert": "share of merged units above the pool's best single expert",
         "gain_vs_best_expert_pp": "mean gain over the pool's best single expert, percentage points",
         "merge_wall_s": "mean merge wall time per unit (provenance)", "merge_peak_gib": "max peak RSS of a merge",
+        "eval_wall_s": "mean evaluation (scoring) wall time per unit (provenance)",
         "source": "reproduced here (source=run) or transcribed from a seed paper (source=paper)",
         "tuned": "how the parameters were chosen: on the validation split by `mergebench sweep --tune` (trials "
                  "tried / grid size, validation documents), or default (given, not tuned)"}
 NUM = {"score": "{:.4f}", "mean": "{:.4f}", "std": "{:.4f}", "value": "{:.4f}", "mean_score": "{:.4f}",
        "p_best": "{:.2f}", "p_gt_base": "{:.2f}", "p_gt_best_expert": "{:.2f}", "gain_vs_base_pp": "{:+.2f}",
        "gain_vs_best_expert_pp": "{:+.2f}", "merge_wall_s": "{:.2f}", "merge_peak_gib": "{:.2f}",
-       "merging_loss_pct": "{:+.1f}", "rank": "{:.0f}", "n_units": "{:.0f}", "units": "{:.0f}", "n": "{:.0f}",
+       "eval_wall_s": "{:.1f}", "merging_loss_pct": "{:+.1f}", "rank": "{:.0f}", "n_units": "{:.0f}", "units": "{:.0f}", "n": "{:.0f}",
        "p": "{:.2g}", "statistic": "{:.3f}"}
 
 
@@ -284,14 +285,15 @@ def page_pareto():
     from mergebench import report
 
     rank = queries.ranking(RESULTS, SIG, filters)
-    d = report.pareto(rank)
+    cost = st.radio("cost", list(report.COSTS), format_func=lambda c: report.COSTS[c], horizontal=True)
+    d = report.pareto(rank, cost)
     if d.empty:
-        st.info("No reproduced rows with merge cost (provenance) for these filters.")
+        st.info("No reproduced rows with this cost (provenance) for these filters.")
         return
-    st.markdown("Quality (mean headline score) vs merge cost (mean wall time per merge, from provenance). "
-                "Red points are Pareto-optimal: no other method is both better and faster.")
-    st.altair_chart(charts.pareto(d), width="stretch")
-    table(d[["method", "params", "score", "merge_wall_s", "merge_peak_gib", "pareto"]].sort_values("merge_wall_s"))
+    st.markdown(f"Quality (mean headline score) vs {report.COSTS[cost]}, from provenance. "
+                "Red points are Pareto-optimal: no other method is both better and cheaper.")
+    st.altair_chart(charts.pareto(d, cost, report.COSTS[cost]), width="stretch")
+    table(d[["method", "params", "score", "merge_wall_s", "eval_wall_s", "merge_peak_gib", "pareto"]].sort_values(cost))
 
 
 {"ranking": page_ranking, "scaling": page_scaling, "tasks": page_tasks, "diagnostics": page_diagnostics,

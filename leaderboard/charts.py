@@ -68,19 +68,19 @@ def task_vs_n(d: pd.DataFrame) -> alt.Chart:
         tooltip=["method", "task", "n", alt.Tooltip("value:Q", format=".4f")]).properties(height=300)
 
 
-def pareto(d: pd.DataFrame) -> alt.Chart:
-    """Quality vs merge wall time; the Pareto front is drawn as a step line."""
+def pareto(d: pd.DataFrame, cost: str = "merge_wall_s", title: str = "merge wall time (s, mean per unit)") -> alt.Chart:
+    """Quality vs a cost column; the Pareto front is drawn as a step line."""
     pts = alt.Chart(d).mark_circle(size=110).encode(
-        x=alt.X("merge_wall_s:Q", title="merge wall time (s, mean per unit)", scale=alt.Scale(type="log")),
+        x=alt.X(f"{cost}:Q", title=title, scale=alt.Scale(type="log")),
         y=alt.Y("score:Q", title="headline score", scale=alt.Scale(zero=False)),
         color=alt.Color("pareto:N", title="Pareto-optimal", scale=alt.Scale(domain=[True, False],
                                                                             range=["#d62728", "#9e9e9e"])),
         tooltip=["method", alt.Tooltip("score:Q", format=".4f"), alt.Tooltip("merge_wall_s:Q", format=".2f"),
-                 alt.Tooltip("merge_peak_gib:Q", format=".2f")])
-    labels = alt.Chart(d).mark_text(align="left", dx=8, fontSize=11).encode(x="merge_wall_s:Q", y="score:Q",
+                 alt.Tooltip("eval_wall_s:Q", format=".1f"), alt.Tooltip("merge_peak_gib:Q", format=".2f")])
+    labels = alt.Chart(d).mark_text(align="left", dx=8, fontSize=11).encode(x=f"{cost}:Q", y="score:Q",
                                                                             text="method:N")
-    front = alt.Chart(d[d["pareto"]].sort_values("merge_wall_s")).mark_line(
-        interpolate="step-after", color="#d62728", strokeDash=[4, 3]).encode(x="merge_wall_s:Q", y="score:Q")
+    front = alt.Chart(d[d["pareto"]].sort_values(cost)).mark_line(
+        interpolate="step-after", color="#d62728", strokeDash=[4, 3]).encode(x=f"{cost}:Q", y="score:Q")
     return (front + pts + labels).properties(height=420)
 
 

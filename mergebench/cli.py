@@ -3,15 +3,80 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
+
+from .errors import MergebenchError
+
+DEBUG_ENV = "MERGEBENCH_DEBUG"
+
+# Library code outside the CLI that still raises a builtin exception for a user mistake: the
+# exception type and the modules whose own ``raise`` it must be for it to be reported as one
+# line. Anything else that is not a MergebenchError is a bug and keeps its traceback.
+_USER_ERRORS_RAISED_IN: tuple[tuple[type[BaseException], tuple[str, ...]], ...] = (
+    # sweep: --executor / --address / --methods, Ray missing, unit resources
+    ((ValueError, ImportError), ("mergebench.sweep.command", "mergebench.sweep.executors")),
+    # diagnose --kinds / --layer(s); stats on a store without merged results
+    (ValueError, ("mergebench.diagnostics", "mergebench.diagnostics.activations", "mergebench.diagnostics.failure")),
+    # embedded task data or the base model's wheel not installed
+    (FileNotFoundError, ("mergebench.zoo.tasks", "mergebench.zoo.base")),
+)
+_USER_INPUT_MODELS = ("MergeRequest",)  # pydantic models built from command-line flags
+
+
+def _raised_in(exc: BaseException) -> str | None:
+    """The module whose frame raised ``exc`` (the innermost one of its traceback)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__") if tb is not None else None
+
+
+def _user_error_message(exc: BaseException) -> str | None:
+    """The one-line report of an error the user caused, or None for a bug."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, MergebenchError):
+        msg = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+    elif isinstance(exc, ValidationError) and exc.title in _USER_INPUT_MODELS:
+        from .pools import validation_summary
+
+        msg = validation_summary(exc)
+    elif any(isinstance(exc, types) and _raised_in(exc) in modules for types, modules in _USER_ERRORS_RAISED_IN):
+        msg = str(exc)
+    else:
+        return None
+    notes = getattr(exc, "__notes__", None)  # e.g. which tensor a merge was on
+    return (str(msg) or type(exc).__name__) + (f" ({'; '.join(notes)})" if notes else "")
+
+
+class _Commands(TyperGroup):
+    """The command group: a :class:`MergebenchError` raised by any command (zoo's too) is printed
+    as ``error: ...`` and exits with code 2 (or the error's ``exit_code``); any other exception is
+    a bug and surfaces with its traceback. ``mergebench --debug`` (or MERGEBENCH_DEBUG=1) shows
+    the traceback of a MergebenchError too."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            msg = _user_error_message(exc)
+            if msg is None or ctx.params.get("debug") or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     help="mergebench: merge LLM weights with pluggable methods and score them on standard suites.",
@@ -22,22 +87,26 @@ out = Console()
 
 
 @app.callback()
-def _offline() -> None:
+def _offline(
+    debug: Annotated[bool, typer.Option("--debug", help=f"show the traceback of every error (or set {DEBUG_ENV}=1)")] = False,
+) -> None:
     """mergebench never downloads: hub models and datasets come from the local caches only, and
-    a cache miss fails at once instead of retrying against an unreachable hub."""
-    import os
-
+    a cache miss fails at once instead of retrying against an unreachable hub. (``--debug`` is
+    read by the command group, :class:`_Commands`.)"""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-class UsageError(Exception):
-    """A user mistake reported as one line, exit code 2."""
+class UsageError(MergebenchError):
+    """A user mistake on the command line, reported as one line (exit code 2 unless given)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(code)
+def _fail(msg: str, code: int = 2) -> NoReturn:
+    raise UsageError(msg, code)
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:
@@ -67,10 +136,7 @@ def methods_cmd(
     """List every registered merge method with its parameters, defaults and citation."""
     from .methods import get_method, list_methods
 
-    try:
-        specs = [get_method(name)] if name else list_methods()
-    except KeyError as exc:
-        _fail(str(exc))
+    specs = [get_method(name)] if name else list_methods()
     if as_json:
         out.print_json(json.dumps([s.describe() for s in specs]))
         return
@@ -103,75 +169,72 @@ def merge_cmd(
     out_dtype: Annotated[Optional[str], typer.Option(help="dtype of the written weights (default: the base's)")] = None,
     vocab_policy: Annotated[str, typer.Option(help="vocabulary-size mismatch: error, truncate, base")] = "error",
     allow_pickle: Annotated[bool, typer.Option(help="allow loading pickle .bin checkpoints (unsafe)")] = False,
+    allow_nonfinite: Annotated[
+        bool, typer.Option(help="merge NaN/inf input values as they are instead of stopping at the first one")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     out_dir: Annotated[Path, typer.Option("--out", help="output folder (written atomically)")] = ...,
 ) -> None:
     """Merge checkpoints with one method and write a Hugging Face folder."""
-    from pydantic import ValidationError
-
     from .engine import merge
-    from .methods import ParameterError
     from .request import MergeRequest
 
-    try:
-        if config is not None:
-            from .mergekit_config import load_mergekit_yaml
+    if config is not None:
+        from .mergekit_config import load_mergekit_yaml
 
-            if method or experts or base:
-                raise UsageError("give either a CONFIG.yaml or --method/--base/--experts, not both")
-            request = load_mergekit_yaml(config)
-            overrides = {"seed": seed, "device": device}
-            if set_:
-                overrides["params"] = {**request.params, **parse_sets(set_)}
-            request = request.model_copy(update=overrides)
-        else:
-            if not method or not experts:
-                raise UsageError("--method and --experts are required (or pass a CONFIG.yaml)")
-            aux_map = {}
-            for item in aux or []:
-                key, sep, paths = item.partition("=")
-                if not sep:
-                    raise UsageError(f"--aux expects name=P1,P2,..., got {item!r}")
-                aux_map[key.strip()] = _split(paths)
-            try:
-                w = [float(x) for x in _split(weights)] or None
-            except ValueError:
-                raise UsageError(f"--weights must be comma-separated numbers, got {weights!r}") from None
-            request = MergeRequest(
-                method=method, base=base, experts=_split(experts), weights=w, params=parse_sets(set_), aux=aux_map,
-                seed=seed, device=device, dtype=dtype, out_dtype=out_dtype, vocab_policy=vocab_policy,
-                allow_pickle=allow_pickle,
-            )
-        result = merge(request, out_dir, progress=not quiet, overwrite=overwrite)
-    except ValidationError as exc:
-        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
-    except (UsageError, ParameterError, ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as exc:
-        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+        if method or experts or base:
+            raise UsageError("give either a CONFIG.yaml or --method/--base/--experts, not both")
+        request = load_mergekit_yaml(config)
+        overrides = {"seed": seed, "device": device, "allow_nonfinite": allow_nonfinite}
+        if set_:
+            overrides["params"] = {**request.params, **parse_sets(set_)}
+        request = request.model_copy(update=overrides)
+    else:
+        if not method or not experts:
+            raise UsageError("--method and --experts are required (or pass a CONFIG.yaml)")
+        aux_map = {}
+        for item in aux or []:
+            key, sep, paths = item.partition("=")
+            if not sep:
+                raise UsageError(f"--aux expects name=P1,P2,..., got {item!r}")
+            aux_map[key.strip()] = _split(paths)
+        try:
+            w = [float(x) for x in _split(weights)] or None
+        except ValueError:
+            raise UsageError(f"--weights must be comma-separated numbers, got {weights!r}") from None
+        request = MergeRequest(
+            method=method, base=base, experts=_split(experts), weights=w, params=parse_sets(set_), aux=aux_map,
+            seed=seed, device=device, dtype=dtype, out_dtype=out_dtype, vocab_policy=vocab_policy,
+            allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+        )
+    result = merge(request, out_dir, progress=not quiet, overwrite=overwrite)
     console.print(f"[green]merged[/] {request.method} of {len(request.experts)} experts -> {out_dir}  ({result.summary()})")
 
 
-def _plan(method, suite, pool, profile, set_, seed, quick, materialize=True):
-    from .pools import MissingModelsError, PoolError
+def _checked_device(device: str) -> str:
+    """``--device`` as torch spells it, if this machine has it (else a one-line DeviceError)."""
+    from .engine import resolve_device
+
+    return str(resolve_device(device))
+
+
+def _plan(method, suite, pool, profile, set_, seed, quick, *, results: Path, materialize=True):
+    """``plan_eval`` after the command line's own checks; ``materialize``: an eval that builds the
+    embedded pool if needed and writes to ``results`` (``plan`` only reads it)."""
     from .runner import plan_eval
-    from .suites import SuiteError
+    from .store import check_results_dir
 
     values = {}
     params = {}
     for key, value in parse_sets(set_).items():
         # UPPER_CASE keys fill pool placeholders (GLUE_DIR=...); others are method parameters
         (values if key.isupper() else params)[key] = value
-    try:
-        return plan_eval(
-            method, suite, pool=pool, profile=profile, params=params, seed=seed, quick=quick, values=values,
-            materialize=materialize, log=lambda m: console.print(m, highlight=False),
-        )
-    except MissingModelsError as exc:
-        if not materialize:
-            raise  # `plan` lists them one per line
-        _fail(str(exc))
-    except (PoolError, SuiteError) as exc:
-        _fail(str(exc))
+    check_results_dir(results, writable=materialize)
+    return plan_eval(
+        method, suite, pool=pool, profile=profile, params=params, seed=seed, quick=quick, values=values,
+        materialize=materialize, log=lambda m: console.print(m, highlight=False),
+    )
 
 
 def _describe_plan(plan) -> None:
@@ -198,20 +261,29 @@ def eval_cmd(
     results: Annotated[Path, typer.Option(help="results folder (Parquet store)")] = Path("results"),
     quick: Annotated[bool, typer.Option(help="the CI-sized profile (fewer subsets and documents)")] = False,
     no_progress: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for merging and scoring (default: $MERGEBENCH_THREADS, else the physical cores)")] = None,
+    scorer: Annotated[str, typer.Option(help="log-likelihood scorer: shared (each shared context once) or hflm (lm-eval's stock HFLM)")] = "shared",
 ) -> None:
     """Merge every subset of a suite with one method, score it, store the rows, print a summary."""
-    from .methods import ParameterError
+    from .evaluate import SCORERS
     from .runner import run_eval, summarize
+    from .threads import resolve_threads
 
-    try:
-        plan = _plan(method, suite, pool, profile, set_, seed, quick)
-    except (ParameterError, KeyError, ValueError, FileNotFoundError) as exc:
-        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    if scorer not in SCORERS:
+        raise UsageError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    device = _checked_device(device)
+    n_threads = resolve_threads(threads)
+    plan = _plan(method, suite, pool, profile, set_, seed, quick, results=results)
     _describe_plan(plan)
-    stats = run_eval(plan, results, device=device, progress=not no_progress, log=lambda m: console.print(m, highlight=False))
+    stats = run_eval(plan, results, device=device, progress=not no_progress, threads=n_threads, scorer=scorer,
+                     log=lambda m: console.print(m, highlight=False))
     console.print(f"{stats['done']} unit(s) evaluated, {stats['cached']} reused from {results} (run {stats['run_id']})")
     table, loss = summarize(plan, results)
     _print_summary(plan, table, loss)
+    console.print(
+        f"rows stored in {results}/ (Parquet). Next: [bold]mergebench report --suite {plan.suite.name}[/] "
+        f"(rankings) or [bold]mergebench leaderboard --results {results}[/] (browse)", highlight=False,
+    )
 
 
 def _print_summary(plan, table, loss) -> None:
@@ -244,12 +316,12 @@ def plan_cmd(
     profile: Annotated[Optional[str], typer.Option(help="suite profile")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="method parameter or pool placeholder")] = None,
     seed: Annotated[Optional[int], typer.Option(help="sampler seed")] = None,
+    device: Annotated[str, typer.Option(help="the device the run would use: cpu or cuda (checked here)")] = "cpu",
     results: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
     quick: Annotated[bool, typer.Option(help="the CI-sized profile")] = False,
 ) -> None:
     """Show what `mergebench eval` (or, with --methods, `mergebench sweep`) would merge and evaluate,
     what is cached, what is missing, and the estimated cost."""
-    from .methods import ParameterError
     from .pools import MissingModelsError
 
     if methods is not None or grid:
@@ -258,20 +330,19 @@ def plan_cmd(
         if methods is None:
             _fail("--grid plans a sweep: give --methods too")
         sweep_cmd(suite=suite, methods=methods, grid=grid, set_=set_, pool=pool, profile=profile, seed=seed,
-                  results=results, quick=quick, dry_run=True)
+                  device=device, results=results, quick=quick, dry_run=True)
         return
     if method is None:
         _fail("give --method NAME (or --methods a,b,c for a sweep)")
+    _checked_device(device)
     try:
-        plan = _plan(method, suite, pool, profile, set_, seed, quick, materialize=False)
-    except MissingModelsError as exc:
+        plan = _plan(method, suite, pool, profile, set_, seed, quick, results=results, materialize=False)
+    except MissingModelsError as exc:  # listed one per line on stdout; the first line says how to get them
         console.print(f"[bold red]missing models[/] ({len(exc.missing)}):", highlight=False)
         for m in exc.missing:
             out.print(f"  {m}")
-        console.print(str(exc).splitlines()[0], highlight=False)
-        raise typer.Exit(3) from None
-    except (ParameterError, KeyError, ValueError, FileNotFoundError) as exc:
-        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+        console.print(str(exc).splitlines()[0].rstrip(":"), highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
     _describe_plan(plan)
     pending = {u.unit.unit_id for u in plan.pending(results)}
     t = Table(title="units of work")
@@ -284,10 +355,16 @@ def plan_cmd(
     todo = [u for u in plan.units if u.unit.unit_id in pending]
     n_docs = sum(plan.n_docs(u.tasks) for u in todo)
     merges = sum(u.role == "merged" for u in todo)
+    from .pace import Pace, format_duration, measured_rates
+    from .threads import resolve_threads
+
+    rates = measured_rates([results], plan.pool.name, device, threads=resolve_threads(None))
+    pace = Pace(rates)
+    seconds = sum(pace.unit_seconds(plan.n_docs(u.tasks), u.role == "merged") for u in todo)
     console.print(
-        f"{len(todo)} of {len(plan.units)} unit(s) to run: {merges} merge(s), {n_docs} documents. Estimate on 2 CPU "
-        f"cores for the embedded 135M pool: ~{(n_docs * 0.11 + merges * 10) / 60:.0f} min (0.11 s/document, ~10 s/merge);"
-        " larger models scale with their size.",
+        f"{len(todo)} of {len(plan.units)} unit(s) to run: {merges} merge(s), {n_docs} documents; estimate "
+        f"~{format_duration(seconds)} ({rates.seconds_per_doc:.3g} s/document, {rates.seconds_per_merge:.3g} s/merge, "
+        f"{rates.seconds_per_unit:.3g} s/unit besides; {rates.basis}).",
         highlight=False,
     )
 
@@ -315,48 +392,58 @@ def sweep_cmd(
     memory_per_unit: Annotated[Optional[float], typer.Option(help="Ray: GiB one unit reserves (default: estimated from the pool)")] = None,
     max_retries: Annotated[int, typer.Option(help="Ray: retries of a unit whose worker or node died")] = 3,
     no_progress: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    workers: Annotated[int, typer.Option(help="units run at once on this machine, each with its share of the cores (> 1 runs a local Ray instance)")] = 1,
 ) -> None:
     """Run methods x hyperparameter grid x the suite's subsets (locally or on Ray); resumable."""
-    from .methods import ParameterError
-    from .pools import MissingModelsError, PoolError
-    from .suites import SuiteError
     from .sweep.command import SweepRequest, execute
     from .sweep.executors import UnitResources
     from .sweep.grid import parse_grid
+    from .threads import available_cores
 
-    try:
-        sets = parse_sets(set_)
-        req = SweepRequest(
-            suite=suite, methods=_split(methods), grid=parse_grid(grid),
-            params={k: v for k, v in sets.items() if not k.isupper()}, values={k: v for k, v in sets.items() if k.isupper()},
-            pool=pool, profile=profile, seed=seed, quick=quick, device=device, results=results, executor=executor,
-            address=address, tune=tune, trials=trials, tune_seed=tune_seed, dry_run=dry_run, max_retries=max_retries,
-            resources=UnitResources(cpus_per_unit, (1.0 if device.startswith("cuda") else 0.0) if gpus_per_unit is None
-                                    else gpus_per_unit, None if memory_per_unit is None else int(memory_per_unit * 2**30)),
-            progress=not no_progress,
-        )
-        code = execute(req, console, out)
-    except MissingModelsError as exc:
-        _fail(f"{exc}\n(run `mergebench zoo materialize` for the embedded pool; --dry-run never builds models)", 3)
-    except (UsageError, ParameterError, PoolError, SuiteError, KeyError, ValueError, FileNotFoundError, ImportError) as exc:
-        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
-    raise typer.Exit(code)
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if workers > 1:  # N units at once, each taking cores / N threads (never N processes x all cores)
+        if executor == "local" and address:
+            raise UsageError("--address needs --executor ray")
+        executor = "ray"
+        cpus_per_unit = max(1, available_cores() // workers)
+    sets = parse_sets(set_)
+    if executor == "local":  # Ray nodes may have devices this machine lacks
+        device = _checked_device(device)
+    req = SweepRequest(
+        suite=suite, methods=_split(methods), grid=parse_grid(grid),
+        params={k: v for k, v in sets.items() if not k.isupper()}, values={k: v for k, v in sets.items() if k.isupper()},
+        pool=pool, profile=profile, seed=seed, quick=quick, device=device, results=results, executor=executor,
+        address=address, tune=tune, trials=trials, tune_seed=tune_seed, dry_run=dry_run, max_retries=max_retries,
+        resources=UnitResources(cpus_per_unit, (1.0 if device.startswith("cuda") else 0.0) if gpus_per_unit is None
+                                else gpus_per_unit, None if memory_per_unit is None else int(memory_per_unit * 2**30)),
+        progress=not no_progress,
+    )
+    raise typer.Exit(execute(req, console, out))
 
 
 @app.command("sql")
 def sql_cmd(
-    query: Annotated[str, typer.Argument(help="DuckDB SQL over the views results, provenance, paper, all_results")],
+    query: Annotated[str, typer.Argument(help="DuckDB SQL over the views results, provenance, diagnostics, paper, all_results")],
     results: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="JSON records instead of a table")] = False,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="also write the result to FILE.csv or FILE.parquet (outside the results folder)")] = None,
 ) -> None:
-    """Query the results store with DuckDB."""
+    """Query the results store with DuckDB (read-only: only SELECT queries run, no file can be written)."""
     import duckdb
 
-    from .store import sql
+    from .store import StoreError, check_results_dir, sql, warnings_to, write_export
 
     try:
-        df = sql(query, results)
+        check_results_dir(results, writable=False)
+        with warnings_to(_print_warning):
+            df = sql(query, results)
+        if out_file is not None:
+            console.print(f"{len(df)} row(s) written to {write_export(df, out_file, results)}", highlight=False)
+            return
     except duckdb.Error as exc:
+        _fail((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    except StoreError as exc:
         _fail(str(exc))
     if as_json:
         out.print_json(df.to_json(orient="records", date_format="iso"))
@@ -415,37 +502,42 @@ def diagnose_cmd(
 
     from .diagnostics import diagnose
     from .engine import merge
-    from .methods import ParameterError, get_method
+    from .methods import get_method
     from .pools import PoolError, load_pool
     from .request import MergeRequest
+    from .store import check_results_dir
 
     try:
-        p = load_pool(pool)
-        names = _split(experts) or p.expert_names()
-        def where(ref):
-            path = ref.locate()
-            if path is None:
-                raise PoolError(f"{ref.spec} is not available locally (see `mergebench pools`)")
-            return str(path)
-        base = where(p.base)
-        paths = {n: where(p.expert(n)) for n in names}
-        probes, tasks = _probe_texts(p, names, k, seed)        # LEAD: k docs per expert's task, see below
-        with tempfile.TemporaryDirectory() as tmp:
-            merged = spec = None
-            if method:
-                spec = get_method(method)
-                req = MergeRequest(method=method, base=base, experts=list(paths.values()),
-                                   params=parse_sets(set_), seed=seed, device=device)
-                merge(req, Path(tmp) / "merged", progress=False)
-                merged = str(Path(tmp) / "merged")
-            out = diagnose(base, paths, merged=merged, merged_name=method or "merged", probes=probes, tasks=tasks,
-                           kinds=tuple(_split(kinds)), layer=layer,
-                           activation_layers=[int(x) for x in _split(layers)] if layers else None,
-                           n_boot=n_boot, seed=seed, device=device, results_dir=results, pool=p.name,
-                           base_model=p.base.spec, method=method, method_version=spec.version if spec else None,
-                           params=parse_sets(set_), log=lambda m: console.print(m, highlight=False))
-    except (PoolError, ParameterError, ValueError, FileNotFoundError, KeyError) as exc:
-        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+        activation_layers = [int(x) for x in _split(layers)] if layers else None
+    except ValueError:
+        raise UsageError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    device = _checked_device(device)
+    check_results_dir(results)
+    p = load_pool(pool)
+    names = _split(experts) or p.expert_names()
+
+    def where(ref):
+        path = ref.locate()
+        if path is None:
+            raise PoolError(f"{ref.spec} is not available locally (see `mergebench pools`)")
+        return str(path)
+
+    base = where(p.base)
+    paths = {n: where(p.expert(n)) for n in names}
+    probes, tasks = _probe_texts(p, names, k, seed)        # LEAD: k docs per expert's task, see below
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = spec = None
+        if method:
+            spec = get_method(method)
+            req = MergeRequest(method=method, base=base, experts=list(paths.values()),
+                               params=parse_sets(set_), seed=seed, device=device)
+            merge(req, Path(tmp) / "merged", progress=False)
+            merged = str(Path(tmp) / "merged")
+        out = diagnose(base, paths, merged=merged, merged_name=method or "merged", probes=probes, tasks=tasks,
+                       kinds=tuple(_split(kinds)), layer=layer, activation_layers=activation_layers,
+                       n_boot=n_boot, seed=seed, device=device, results_dir=results, pool=p.name,
+                       base_model=p.base.spec, method=method, method_version=spec.version if spec else None,
+                       params=parse_sets(set_), log=lambda m: console.print(m, highlight=False))
     for line in out["summary"]:
         console.print(line, highlight=False)
     written = sum(u.written for u in out["units"])
@@ -466,13 +558,9 @@ def stats_cmd(
     from .diagnostics.failure import failure_statistics, load_failure_inputs
     from .diagnostics.store import DiagUnit, write_diagnostics
     from .diagnostics.stats import stats_rows
-    from .pools import PoolError
     from .store import new_run_id
 
-    try:
-        losses, diag, ctx = load_failure_inputs(results, suite, profile=profile, pool=pool, methods=_split(methods))
-    except (PoolError, ValueError, FileNotFoundError, KeyError) as exc:
-        _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    losses, diag, ctx = load_failure_inputs(results, suite, profile=profile, pool=pool, methods=_split(methods))
     st = failure_statistics(losses, diag)
     console.print(f"[bold]{ctx['suite']}:{ctx['profile']}[/] on pool {ctx['pool']}: {losses['unit_id'].nunique()} "
                   f"merged unit(s), {len(losses)} (unit, task) merging losses, methods: "
@@ -628,14 +716,13 @@ def zoo_build(
 @zoo.command("materialize")
 def zoo_materialize(
     cache: Annotated[Optional[Path], typer.Option(help="cache folder (default $MERGEBENCH_CACHE or ~/.cache/mergebench)")] = None,
+    experts: Annotated[Optional[str], typer.Option(help="comma-separated expert names (default: all)")] = None,
+    force: Annotated[bool, typer.Option(help="rebuild models whose weight files changed since they were materialized (instead of stopping with an error)")] = False,
 ) -> None:
     """Turn base + committed adapters into full-weight HF folders (sha256-verified, idempotent)."""
     from .zoo import pool
 
-    try:
-        paths = pool.materialize(cache, log=console.print)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    paths = pool.materialize(cache, _split(experts) or None, log=lambda m: console.print(m, highlight=False), force=force)
     for name, path in paths.items():
         out.print(f"{name}\t{path}")
 
@@ -672,9 +759,53 @@ def zoo_verify(
     out.print(table)
 
 
-def main() -> None:  # pragma: no cover - console entry
+def _print_warning(message: str) -> None:
+    """One ``warning: ...`` line on stderr (store warnings name the file they are about)."""
+    console.print(f"warning: {message}", highlight=False, markup=False, soft_wrap=True)
+
+
+store_app = typer.Typer(no_args_is_help=True, help="Check and repair a results store.")
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("check")
+def store_check_cmd(
+    results: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
+    fix: Annotated[bool, typer.Option("--fix", help="move what was found to <results>/quarantine/<timestamp>/ (nothing is deleted)")] = False,
+) -> None:
+    """List damaged or unreadable files, provenance without rows, duplicated units, stale temp
+    files and stale claims; exit code 1 if there are any (0 with --fix once they are moved)."""
+    from collections import Counter
+
+    from .store import StoreError, check_results_dir, check_store, fix_store, warnings_to
+
+    try:
+        check_results_dir(results, writable=fix)
+        with warnings_to(_print_warning):
+            report = check_store(results)
+            for line in report.lines():
+                out.print(line, highlight=False, markup=False, soft_wrap=True)
+            if report.clean:
+                return
+            if not fix:
+                out.print(f"{len(report.problems)} problem(s); to move them to {results / 'quarantine'}/, run\n"
+                          f"  mergebench store check --results {results} --fix", highlight=False, markup=False,
+                          soft_wrap=True)
+                raise typer.Exit(1)
+            box, moved = fix_store(report)
+    except StoreError as exc:
+        _fail(str(exc))
+    kinds = Counter(problem.kind for problem, _ in moved)
+    out.print(f"moved {len(moved)} file(s) ({', '.join(f'{n} {k}' for k, n in kinds.items())}) to\n  {box}/\n"
+              "where moved.tsv says why" if moved else "nothing moved", highlight=False, markup=False, soft_wrap=True)
+    if len(moved) < len(report.problems):
+        out.print(f"{len(report.problems) - len(moved)} file(s) were gone or in use again and were left alone",
+                  highlight=False, markup=False, soft_wrap=True)
+
+
+def main() -> None:  # pragma: no cover - console entry (the same as the `mergebench` script, `app`)
     app()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    main()

@@ -29,10 +29,12 @@ directory, as mergekit reads it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import MergebenchError
 from .methods import ParameterError, get_method, list_methods
 from .methods.spec import MethodSpec, Param
 from .request import MergeRequest
@@ -46,7 +48,7 @@ __all__ = [
 ]
 
 
-class MergekitConfigError(ValueError):
+class MergekitConfigError(MergebenchError, ValueError):
     """A mergekit YAML that mergebench cannot (or will not) translate; names file and key."""
 
 
@@ -132,7 +134,10 @@ def load_mergekit_yaml(path: str | Path, **overrides: Any) -> MergeRequest:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise MergekitConfigError(f"{path}: invalid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MergekitConfigError(f"{path}: invalid YAML{where}: {what}") from None
     return request_from_mergekit_dict(data, source=str(path), root=path.parent, **overrides)
 
 
@@ -205,6 +210,11 @@ class _Translator:
         if c.base == "required" and base is None:
             raise self.error("base_model", f"method {spec.name!r} needs a base_model")
         n = len(experts)
+        if c.min_models is not None and n + (base is not None and c.base != "unused") < c.min_models:
+            raise self.error(
+                "models", f"method {spec.name!r} needs {c.min_models} models (base_model included); got {n}"
+                + (" besides the base_model" if base is not None else "")
+            )
         if n < c.min_experts or (c.max_experts is not None and n > c.max_experts):
             upper = "+" if c.max_experts is None else (f"-{c.max_experts}" if c.max_experts != c.min_experts else "")
             want = f"{c.min_experts}{upper}"
@@ -303,17 +313,21 @@ class _Translator:
 
         A listed base is the base, not an expert, for methods that use a base; for methods
         whose kernel never sees a base (``unused``: linear, karcher, ...) a listed base is an
-        expert like any other. Two-model SLERP is special: mergekit interpolates from the base
-        (t=0) to the other model (t=1), which is mergebench's ``experts=[base, other]``.
+        expert like any other. SLERP with a base_model interpolates from the base (t=0) to
+        the one other model (t=1), as in mergekit: mergebench's ``base`` + ``experts=[other]``.
         """
         if spec.name == "slerp" and mk_name == "slerp" and base is not None:
             others = [(m, p) for m, p in models if m != base]
-            listed_base = [p for m, p in models if m == base]
             if len(others) != 1:
                 raise self.error(
                     "models", f"slerp interpolates base_model and exactly one other model; got {len(others)} others"
                 )
-            return [base, others[0][0]], [listed_base[0] if listed_base else {}, others[0][1]]
+            listed = [(i, p) for i, (m, p) in enumerate(models) if m == base and p]
+            if listed:
+                i, block = listed[0]
+                key = next(iter(block.values()))[0]
+                raise self.error(key, "slerp takes no per-model parameters for the base_model; put them under the global 'parameters'")
+            return [others[0][0]], [others[0][1]]
         if spec.contract.base == "unused":
             return [m for m, _ in models], [p for _, p in models]
         kept = [(m, p) for m, p in models if m != base]
@@ -383,6 +397,8 @@ class _Translator:
                     weights.append(float(v))
                 except (TypeError, ValueError):
                     raise self.error(k, f"must be a number, got {v!r}") from None
+                if not math.isfinite(weights[-1]):
+                    raise self.error(k, f"must be a finite number, got {v!r}")
 
         params: dict[str, Any] = {}
         resolved_global: dict[str, Any] = {}

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mergebench.errors import MergebenchError
+
 # ------------------------------------------------------------------ leaderboard normalization
 
 #: Answer choices per Open LLM Leaderboard v2 multiple-choice subtask, from the ``doc_to_choice``
@@ -364,6 +366,28 @@ def average_merging_loss(losses: pd.DataFrame) -> pd.DataFrame:
 
 _MAX_BOOT_CELLS = 4_000_000  # index-matrix cells per chunk, bounds memory at ~32 MB
 
+#: Ranks and ties compare values rounded to this many decimals: two means of the same numbers
+#: summed in a different order differ in the last bits and must still tie.
+TIE_DECIMALS = 12
+
+
+class BootstrapError(MergebenchError, ValueError):
+    """A bootstrap asked for without an explicit integer seed or with a bad number of resamples."""
+
+
+def bootstrap_rng(seed: int) -> np.random.Generator:
+    """The generator of every bootstrap here: ``Generator(PCG64(seed))`` with an explicit integer seed
+    (None, i.e. fresh OS entropy, is refused: every reported interval must be reproducible)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise BootstrapError(f"bootstrap seed must be a non-negative integer, got {seed!r}")
+    return np.random.Generator(np.random.PCG64(int(seed)))
+
+
+def _check_n_boot(n_boot: int) -> int:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise BootstrapError(f"number of bootstrap resamples (n_boot) must be a positive integer, got {n_boot!r}")
+    return int(n_boot)
+
 
 def _boot_means(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """Means of `n_boot` resamples (with replacement) of the rows of `x` (shape k or k x m)."""
@@ -379,12 +403,17 @@ def _boot_means(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndar
 
 def bootstrap_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 10_000, ci: float = 0.95,
                  seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap interval of the mean, seeded and vectorized."""
+    """(mean, low, high): percentile bootstrap interval of the mean, seeded and vectorized.
+
+    The values are sorted before resampling, so the interval depends on the values, `n_boot` and
+    `seed` only, never on the order the rows arrived in (a store query returns them in any order)."""
+    rng = bootstrap_rng(seed)
+    n_boot = _check_n_boot(n_boot)
     x = np.asarray(values, dtype=np.float64)
-    x = x[~np.isnan(x)]
+    x = np.sort(x[~np.isnan(x)])
     if x.size == 0:
         return (math.nan, math.nan, math.nan)
-    means = _boot_means(x, n_boot, np.random.default_rng(seed))
+    means = _boot_means(x, n_boot, rng)
     a = (1.0 - ci) / 2.0
     lo, hi = np.quantile(means, [a, 1.0 - a])
     return float(x.mean()), float(lo), float(hi)
@@ -425,14 +454,18 @@ def rank_intervals(scores: pd.DataFrame, *, method_col: str = "method", value: s
 
     When every method was evaluated on the same subsets (the sampler guarantees it) the subsets
     are resampled jointly, so ranks reflect paired differences; otherwise each method's units are
-    resampled independently. Returns method, n_units, mean, rank, rank_low, rank_high, p_best
-    (share of resamples where the method ranks first).
+    resampled independently (each method's values sorted first, so the result never depends on
+    row order). Values equal to :data:`TIE_DECIMALS` decimals tie. Returns method, n_units, mean,
+    rank, ``tied`` (another method has the same point estimate), rank_low, rank_high, p_best (the
+    share of resamples in which the method ranks first, a tie for first splitting that resample
+    evenly, so p_best sums to 1 over methods) and paired.
     """
+    rng = bootstrap_rng(seed)
+    n_boot = _check_n_boot(n_boot)
     piv = _pivot(scores, method_col, value, pair_on)
     methods = list(piv.columns)
-    rng = np.random.default_rng(seed)
     if len(methods) == 0:
-        cols = [method_col, "n_units", "mean", "rank", "rank_low", "rank_high", "p_best", "paired"]
+        cols = [method_col, "n_units", "mean", "rank", "tied", "rank_low", "rank_high", "p_best", "paired"]
         return pd.DataFrame(columns=cols)
     complete = piv.dropna()
     paired = len(complete) == len(piv) and len(piv) > 0
@@ -442,21 +475,25 @@ def rank_intervals(scores: pd.DataFrame, *, method_col: str = "method", value: s
         point = x.mean(axis=0)
         n_units = np.full(len(methods), x.shape[0])
     else:
-        cols = [piv[m].dropna().to_numpy(np.float64) for m in methods]
+        cols = [np.sort(piv[m].dropna().to_numpy(np.float64)) for m in methods]
         boot = np.stack([_boot_means(c, n_boot, rng) for c in cols], axis=1)
         point = np.array([c.mean() for c in cols])
         n_units = np.array([c.size for c in cols])
     sign = 1.0 if higher_is_better else -1.0
 
     def ranks(v: np.ndarray) -> np.ndarray:  # competition ranking along the last axis
-        v = sign * v
+        v = np.round(sign * v, TIE_DECIMALS)
         return (v[..., None, :] > v[..., :, None]).sum(axis=-1) + 1
 
     r = ranks(boot)
+    first = (r == 1).astype(np.float64)
+    p_best = (first / first.sum(axis=1, keepdims=True)).mean(axis=0)  # a k-way tie for first: 1/k each
     a = (1.0 - ci) / 2.0
     lo, hi = np.quantile(r, [a, 1.0 - a], axis=0, method="inverted_cdf")
-    return pd.DataFrame({method_col: methods, "n_units": n_units, "mean": point, "rank": ranks(point),
-                         "rank_low": lo.astype(int), "rank_high": hi.astype(int), "p_best": (r == 1).mean(axis=0),
+    rank = ranks(point)
+    tied = (rank[:, None] == rank[None, :]).sum(axis=1) > 1
+    return pd.DataFrame({method_col: methods, "n_units": n_units, "mean": point, "rank": rank, "tied": tied,
+                         "rank_low": lo.astype(int), "rank_high": hi.astype(int), "p_best": p_best,
                          "paired": paired}).sort_values(["rank", method_col]).reset_index(drop=True)
 
 

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .errors import MergebenchError
+
 __all__ = [
     "CompatibilityReport",
     "ConfigError",
@@ -36,6 +38,7 @@ __all__ = [
     "Pool",
     "PoolCompatibilityError",
     "PoolError",
+    "config_problem",
     "describe_pools",
     "find_missing",
     "is_plausible_hf_id",
@@ -46,6 +49,7 @@ __all__ = [
     "suites_root",
     "tag_values",
     "validate_pool_compatibility",
+    "validation_summary",
     "zoo_path",
 ]
 
@@ -56,11 +60,11 @@ TagValue = str | int | float | bool | list[str]
 # --------------------------------------------------------------------------- errors
 
 
-class ConfigError(ValueError):
+class ConfigError(MergebenchError, ValueError):
     """A pool or suite file is missing or invalid; the message names the file and field."""
 
 
-class PoolError(ValueError):
+class PoolError(MergebenchError, ValueError):
     """A pool cannot be used as asked."""
 
 
@@ -73,7 +77,10 @@ class PlaceholderError(PoolError):
 
 
 class MissingModelsError(PoolError):
-    """Models not found locally (mergebench never downloads). ``missing`` lists their ids/paths."""
+    """Models not found locally (mergebench never downloads). ``missing`` lists their ids/paths;
+    the message's first line says how to get them. The CLI exits with code 3."""
+
+    exit_code = 3
 
     def __init__(self, message: str, missing: Sequence[str]):
         super().__init__(message)
@@ -84,12 +91,18 @@ class PoolCompatibilityError(PoolError):
     """The pool's checkpoints cannot be merged together (architecture, tensors, shapes, vocab)."""
 
 
-def format_validation_error(path: Path | str, exc: ValidationError) -> str:
-    lines = []
+def validation_summary(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``field.path: message; other.field: message``."""
+    parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
-        lines.append(f"  {loc}: {err.get('msg')}")
-    return f"{path}: invalid ({len(lines)} problem(s)):\n" + "\n".join(lines)
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def format_validation_error(path: Path | str, exc: ValidationError) -> str:
+    n = len(exc.errors())
+    return f"{path}: " + (f"invalid ({n} problems): " if n > 1 else "") + validation_summary(exc)
 
 
 def read_yaml(path: Path) -> dict:
@@ -98,7 +111,10 @@ def read_yaml(path: Path) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        why = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {why}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -285,13 +301,18 @@ def zoo_path(name: str) -> Path | None:
     ``mergebench.zoo.pool.materialized_path`` -- imported lazily, so pools work (and say "not
     materialized") while the zoo is absent or incomplete. Until a hook exists, the base is found
     where ``mergebench.zoo.base.materialize_base`` writes it.
+
+    Where the hook's module also has ``check_materialized(name, folder)``, a folder counts only when
+    that says it is a complete materialization, and a folder whose weights changed since then
+    raises its error (one line naming the model and the command that rebuilds it).
     """
-    hook = None
+    hook = check = None
     for module in ("mergebench.zoo", "mergebench.zoo.pool"):
         try:
-            hook = getattr(importlib.import_module(module), "materialized_path", None)
+            mod = importlib.import_module(module)
         except ImportError:
-            hook = None
+            continue
+        hook, check = getattr(mod, "materialized_path", None), getattr(mod, "check_materialized", None)
         if hook is not None:
             break
     if hook is not None:
@@ -299,7 +320,9 @@ def zoo_path(name: str) -> Path | None:
             p = hook(name)
         except (LookupError, OSError, ValueError, RuntimeError):
             return None
-        return Path(p) if p is not None and Path(p).exists() else None
+        if p is None or not Path(p).exists():
+            return None
+        return Path(p) if check is None or check(name, Path(p)) else None
     try:
         base = importlib.import_module("mergebench.zoo.base")
     except ImportError:
@@ -413,11 +436,10 @@ class Pool(BaseModel):
         base = self.base.resolved(lookup, missing)
         experts = [e.resolved(lookup, missing) for e in self.experts]
         if missing:
-            help_lines = "\n".join(f"  {n}: {self.placeholders.get(n, '')}" for n in missing)
+            named = ", ".join(f"{n} ({self.placeholders[n]})" if self.placeholders.get(n) else n for n in missing)
             example = " ".join(f"--set {n}=..." for n in missing)
             raise PlaceholderError(
-                f"pool {self.name!r} needs values for {', '.join(missing)}:\n{help_lines}\n"
-                f"pass them as `{example}` or set the environment variable(s)",
+                f"pool {self.name!r} needs values for {named}: pass them as `{example}` or set the environment variable(s)",
                 missing,
             )
         out = self.model_copy(update={"base": base, "experts": experts})
@@ -553,7 +575,7 @@ def describe_pools(locate: bool = True) -> list[dict]:
     for name in pool_names():
         try:
             out.append(load_pool(name).describe(locate))
-        except (PoolError, ConfigError) as exc:
+        except MergebenchError as exc:  # a broken pool file, an unbuilt zoo, a damaged materialized model
             out.append({"name": name, "error": str(exc)})
     return out
 
@@ -591,6 +613,31 @@ def _hint(m: ModelRef) -> str:
     if m.source == "zoo":
         return f"{m.spec} (not materialized; run `mergebench zoo materialize`)"
     return f"{m.path} (no such folder, and not a model id in the local Hugging Face cache)"
+
+
+def _fixes(models: Iterable[ModelRef]) -> str:
+    """What to do about missing models, for the first line of the error (by kind of source)."""
+    sources = {m.source for m in models}
+    fixes = {
+        "zoo": "build the embedded models with `mergebench zoo materialize`",
+        "hf": "fetch the hub models with `hf download ID` (each listed below)",
+        "local": "fix or supply the local paths listed below",
+    }
+    return "; ".join(text for kind, text in fixes.items() if kind in sources)
+
+
+def config_problem(folder: str | os.PathLike) -> str | None:
+    """Why transformers could not build a model from ``folder`` (its ``config.json``), or None."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return f"{cfg} is missing (transformers needs it to build the model)"
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{cfg} is not valid JSON ({exc})"
+    if not isinstance(data, dict) or not data.get("model_type"):
+        return f"{cfg} has no model_type (transformers cannot tell which architecture to build)"
+    return None
 
 
 def find_missing(
@@ -643,7 +690,7 @@ def validate_pool_compatibility(
         lines = "\n".join(f"  {label.split(' ')[0] if m.name == m.spec else label}: {_hint(m)}" for label, m in missing)
         raise MissingModelsError(
             f"pool {pool.name!r}: {len(missing)} of {len(chosen)} model(s) are not available locally "
-            f"(mergebench reads the local cache only and never downloads):\n{lines}",
+            f"(mergebench reads the local cache only and never downloads); {_fixes(m for _, m in missing)}:\n{lines}",
             [_display(m) for _, m in missing],
         )
 
@@ -651,14 +698,17 @@ def validate_pool_compatibility(
     problems = []
     try:
         for label, m in chosen:
+            # evaluation builds every model with transformers: a config it cannot use fails here,
+            # not after the first units of a run are stored
+            if why := config_problem(paths[m.name]):
+                problems.append(f"{label}: {why}")
             try:
                 ckpts.append(open_checkpoint(paths[m.name], f"{pool.name}:{label}", allow_pickle=allow_pickle))
             except CheckpointError as exc:
-                problems.append(f"{label} ({m.spec}): {exc}")
+                if not (why and "config.json" in str(exc)):  # an unreadable config.json is named once
+                    problems.append(f"{label} ({m.spec}): {exc}")
         if problems:
-            raise PoolCompatibilityError(
-                f"pool {pool.name!r}: {len(problems)} checkpoint(s) cannot be read:\n  " + "\n  ".join(problems)
-            )
+            raise PoolCompatibilityError(f"pool {pool.name!r}: cannot load {'; '.join(problems)}")
         policy = vocab_policy or pool.vocab_policy
         # Each expert against the base first, so every incompatible expert is named (not only
         # the first few tensors of the first one), then all together.

@@ -35,7 +35,7 @@ _LOCK = threading.RLock()
 
 RANKING_COLUMNS = ["source", "rank", "method", "params", "n_units", "score", "ci_low", "ci_high", "rank_low",
                    "rank_high", "p_best", "p_gt_base", "gain_vs_base_pp", "p_gt_best_expert", "gain_vs_best_expert_pp",
-                   "merge_wall_s", "merge_peak_gib", "table"]
+                   "merge_wall_s", "merge_peak_gib", "eval_wall_s", "table"]
 
 _UNIT_COLS = ["suite", "suite_version", "profile", "pool", "base_model", "method", "method_version", "params_json",
               "seed", "subset", "n", "role", "run_id"]
@@ -261,13 +261,21 @@ def _variant(merged: pd.DataFrame) -> pd.Series:
 
 
 def merge_cost(con, units: pd.DataFrame) -> pd.DataFrame:
-    """Per variant: mean merge wall time (s) and max peak RSS (GiB) of `units` (from provenance)."""
-    prov = df(con, "SELECT unit_id, any_value(merge_wall_s) AS merge_wall_s, "
+    """Per variant, from provenance: mean merge wall time (s), max peak RSS (GiB) and mean
+    evaluation wall time (s) of `units`; ``unit_cost_s`` is merge + evaluation."""
+    prov = df(con, "SELECT unit_id, any_value(merge_wall_s) AS merge_wall_s, any_value(eval_wall_s) AS eval_wall_s, "
                    "any_value(merge_peak_rss_bytes) AS rss FROM provenance WHERE unit_id IS NOT NULL GROUP BY unit_id")
     m = units[["unit_id", "variant"]].merge(prov, on="unit_id", how="inner")
     g = m.groupby("variant", sort=True)
     return pd.DataFrame({"merge_wall_s": g["merge_wall_s"].mean(),
-                         "merge_peak_gib": g["rss"].max().astype("float64") / 2**30}).reset_index()
+                         "merge_peak_gib": g["rss"].max().astype("float64") / 2**30,
+                         "eval_wall_s": g["eval_wall_s"].mean()}).reset_index()
+
+
+#: Cost axes of the Pareto view: column -> what it measures.
+COSTS = {"merge_wall_s": "merge wall time (s, mean per unit)",
+         "eval_wall_s": "evaluation wall time (s, mean per unit)",
+         "unit_cost_s": "merge + evaluation wall time (s, mean per unit)"}
 
 
 def run_ranking(con, f: Filters, *, n_boot_ci: int = N_BOOT_CI, n_boot_rank: int = N_BOOT_RANK,
@@ -346,7 +354,7 @@ def ranking(con, f: Filters, **kw) -> pd.DataFrame:
     if pap.empty:
         return run
     pap = pap.assign(params=None, rank=pd.NA, ci_low=np.nan, ci_high=np.nan, rank_low=pd.NA, rank_high=pd.NA,
-                     p_best=np.nan, merge_wall_s=np.nan, merge_peak_gib=np.nan)
+                     p_best=np.nan, merge_wall_s=np.nan, merge_peak_gib=np.nan, eval_wall_s=np.nan)
     extra = [c for c in ("pool", "n", "label", "merging_loss_pct") if c in pap]
     if run.empty:
         return pap[RANKING_COLUMNS + extra]
@@ -451,13 +459,18 @@ def reproduce_command(method: str, suite: str, profile: str | None, pool: str | 
     return shlex.join(parts)
 
 
-def pareto(rank: pd.DataFrame) -> pd.DataFrame:
-    """Run rows with cost, flagged ``pareto`` when no other row is both better and cheaper."""
-    d = rank[(rank["source"] == "run") & rank["merge_wall_s"].notna()].copy()
+def pareto(rank: pd.DataFrame, cost: str = "merge_wall_s") -> pd.DataFrame:
+    """Run rows with ``cost`` (a :data:`COSTS` column), flagged ``pareto`` when no other row is
+    both better and cheaper. Rows without a score or a cost are left out (never optimal)."""
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
+    d = rank[rank["source"] == "run"].copy()
+    d["unit_cost_s"] = d["merge_wall_s"] + d["eval_wall_s"]
+    d = d[d[cost].notna() & d["score"].notna()]
     if d.empty:
         return d.assign(pareto=pd.Series(dtype=bool))
     s = d["score"].to_numpy(float)
-    c = d["merge_wall_s"].to_numpy(float)
+    c = d[cost].to_numpy(float)
     dominated = ((s[None, :] >= s[:, None]) & (c[None, :] <= c[:, None])
                  & ((s[None, :] > s[:, None]) | (c[None, :] < c[:, None]))).any(axis=1)
     d["pareto"] = ~dominated
@@ -504,7 +517,7 @@ def diagnostic_stats(con, pool: str | None = None) -> pd.DataFrame:
 
 _FMT = {"score": "{:.4f}", "ci_low": "{:.4f}", "ci_high": "{:.4f}", "p_best": "{:.2f}", "p_gt_base": "{:.2f}",
         "p_gt_best_expert": "{:.2f}", "gain_vs_base_pp": "{:+.2f}", "gain_vs_best_expert_pp": "{:+.2f}",
-        "merge_wall_s": "{:.2f}", "merge_peak_gib": "{:.2f}", "merging_loss_pct": "{:+.1f}"}
+        "merge_wall_s": "{:.2f}", "merge_peak_gib": "{:.2f}", "eval_wall_s": "{:.1f}", "merging_loss_pct": "{:+.1f}"}
 
 
 def _fmt_table(t: pd.DataFrame) -> pd.DataFrame:

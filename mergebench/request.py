@@ -37,6 +37,10 @@ class MergeRequest(BaseModel):
     out_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None
     vocab_policy: VocabPolicy = "error"
     allow_pickle: bool = False
+    allow_nonfinite: bool = False
+    """Pass NaN/inf input values through instead of stopping at the first one (the merged
+    tensor then holds non-finite values too; a non-finite output from finite inputs is
+    still an error)."""
     max_shard_size: int = 2 * 1024**3
 
     def resolved_out_dtype(self) -> str | None:

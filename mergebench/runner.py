@@ -64,6 +64,20 @@ class EvalPlan:
     merges: list[WorkUnit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     task_leaves: dict[str, list[str]] = field(default_factory=dict)  # suite task -> lm-eval tasks sampled
+    batteries: dict[tuple[str, ...], Any] = field(default_factory=dict, repr=False)
+
+    def battery(self, tasks: list[TaskSpec]):
+        """The :class:`mergebench.evaluate.Battery` of ``tasks``: built for the first unit that
+        scores them, then reused by every model of the run (references and merges alike)."""
+        key = tuple(t.name for t in tasks)
+        if key not in self.batteries:
+            from .evaluate import Battery
+
+            self.batteries[key] = Battery(
+                list(key), self.task_manager, samples=self.samples,
+                fewshot={t.name: t.fewshot for t in tasks if t.fewshot},
+            )
+        return self.batteries[key]
 
     def n_docs(self, tasks: list[TaskSpec]) -> int:
         """Documents scored for ``tasks`` (a group task counts the sampled documents of its leaves)."""
@@ -192,11 +206,14 @@ def plan_eval(
     for n in sorted({len(s.members) + (1 if _base_as_expert(spec, s) else 0) for s in subsets}):
         spec.contract.check(spec.name, has_base=True, n_experts=n)
         spec.validate_params(given, n_experts=n)
+    from .suites import check_task_metrics
+
+    tm = _task_manager(prof)
+    check_task_metrics(suite_obj, prof, tm)  # an unknown task or metric fails before any model is touched
     if materialize:
         _ensure_zoo(pool_obj, log)
     report = validate_pool_compatibility(pool_obj, values=values)
     run_seed = prof.sampler.seed if seed is None else seed
-    tm = _task_manager(prof)
     leaves = _task_leaves(prof, tm)
     samples = _doc_samples(prof, tm, leaves)
     doc_hash = store.doc_index_hash(samples)
@@ -296,18 +313,19 @@ def _norm(plan: EvalPlan, wu: WorkUnit, merged=None) -> float:
     return task_vector_norm(plan.paths[plan.pool.base.name], model)
 
 
-def _run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool = False
-              ) -> tuple[list[dict], dict]:
+def _run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool = False,
+              scorer: str = "shared") -> tuple[list[dict], dict]:
     """Merge (or load) one unit's model and score it: (result rows, provenance)."""
     from .evaluate import quiet_progress_bars
 
     with quiet_progress_bars() if quiet else contextlib.nullcontext():
-        return _score_unit(plan, wu, device=device, batch_size=batch_size, quiet=quiet)
+        return _score_unit(plan, wu, device=device, batch_size=batch_size, quiet=quiet, scorer=scorer)
 
 
-def _score_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool):
+def _score_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool, scorer: str = "shared"):
+    import torch
+
     from .engine import load_merged_model
-    from .evaluate import evaluate_model
 
     prov: dict[str, Any] = {}
     prof = plan.profile
@@ -321,13 +339,15 @@ def _score_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet:
         prov["task_vector_norm"] = _norm(plan, wu)
         model, tok = _load_model(plan.paths[wu.members[0]], prof.eval.dtype)
     model.to(device)
-    tasks = [t.name for t in wu.tasks]
+    battery = plan.battery(wu.tasks)  # built once per run: only the forward passes are per model
     with store.measure("eval", prov, device):
-        # keyed by leaf task: evaluate_model picks the entries of this unit's tasks and groups
-        scores = evaluate_model(
-            model, tok, tasks, plan.task_manager, samples=plan.samples, batch_size=batch_size, device=device,
-            fewshot={t.name: t.fewshot for t in wu.tasks if t.fewshot}, quiet=quiet,
-        )
+        scores, stats = battery.score(model, tok, batch_size=batch_size, device=device, quiet=quiet, scorer=scorer)
+    docs = plan.n_docs(wu.tasks)
+    prov.update(
+        eval_docs=docs, eval_requests=stats.get("requests_total"), eval_tokens=stats.get("tokens_fed"),
+        eval_docs_per_s=docs / prov["eval_wall_s"] if prov["eval_wall_s"] > 0 else None, scorer=scorer,
+        threads=torch.get_num_threads(),
+    )
     return _rows(scores, wu.tasks), prov
 
 
@@ -338,34 +358,74 @@ def run_eval(
     device: str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    threads: int | None = None,
+    scorer: str = "shared",
 ) -> dict[str, Any]:
-    """Run every unit of ``plan`` not yet in ``results_dir``; returns counts and the run id."""
+    """Run every unit of ``plan`` not yet in ``results_dir``; returns counts and the run id.
+
+    ``threads``: torch's CPU threads (default :func:`mergebench.threads.resolve_threads`).
+    Each finished unit logs one line with its score, time and the run's ETA (from
+    :class:`mergebench.pace.Pace`: this machine's stored rates, then this run's own), so the
+    progress reads the same in a terminal and in a log file."""
     import pandas as pd
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .pace import Pace, format_duration, measured_rates
+    from .threads import apply_threads, resolve_threads
 
     results_dir = Path(results_dir)
+    store.check_results_dir(results_dir)  # a file, or a folder under one: before any unit is computed
+    apply_threads(resolve_threads(threads))
     run_id = store.new_run_id()
     env = store.collect_environment(device)
     todo = plan.pending(results_dir)
     batch_size = plan.profile.eval.batch_size
     stats = {"run_id": run_id, "units": len(plan.units), "cached": len(plan.units) - len(todo), "done": 0}
+    pace = Pace(measured_rates([results_dir], plan.pool.name, device, scorer=scorer))
+    expected = {wu.unit.unit_id: (plan.n_docs(wu.tasks), wu.role == "merged") for wu in todo}
+
+    def eta(units) -> str:
+        return format_duration(sum(pace.unit_seconds(*expected[u.unit.unit_id]) for u in units))
+
+    if todo:
+        log(f"{len(todo)} unit(s) to run, {stats['cached']} stored; expected ~{eta(todo)} "
+            f"({pace.prior.basis})")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
+               TextColumn("ETA {task.fields[eta]}"))
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"{plan.method.name} on {plan.suite.id}:{plan.profile.name}", total=len(todo))
-        for wu in todo:
+        task = bar.add_task(f"{plan.method.name} on {plan.suite.id}:{plan.profile.name}", total=len(todo),
+                            eta=eta(todo))
+        for k, wu in enumerate(todo, 1):
             bar.update(task, description=f"{'merging + ' if wu.role == 'merged' else ''}scoring {wu.label}")
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                rows, prov = _run_unit(plan, wu, device=device, batch_size=batch_size, quiet=progress)
-            rows = metrics.add_normalized(pd.DataFrame(rows))
-            store.write_unit(wu.unit, rows, run_id=run_id, results_dir=results_dir, provenance={**env, **prov})
+            # a concurrent eval or sweep on the same store computes each unit once: claim it first
+            with store.claim_unit(wu.unit, results_dir, run_id=run_id) as claim:
+                if not claim or store.has_unit(wu.unit, results_dir):
+                    stats["cached"] += 1
+                    log(f"[{k}/{len(todo)}] skipped {wu.label}: "
+                        + (f"being computed by {claim.holder}" if not claim else "stored meanwhile by another run"))
+                    bar.update(task, advance=1)
+                    continue
+                with torch.inference_mode():
+                    rows, prov = _run_unit(plan, wu, device=device, batch_size=batch_size, quiet=progress,
+                                           scorer=scorer)
+                rows = metrics.add_normalized(pd.DataFrame(rows))
+                prov["unit_wall_s"] = time.perf_counter() - t0
+                store.write_unit(wu.unit, rows, run_id=run_id, results_dir=results_dir, provenance={**env, **prov})
+            pace.observe(prov["eval_docs"], prov["eval_wall_s"], prov["unit_wall_s"], prov.get("merge_wall_s"))
             stats["done"] += 1
             head = _headline(rows, wu.tasks)
-            log(f"{wu.role:>6} {wu.label:<14} {', '.join(wu.members)[:60]:<60} score {head:.4f}  ({time.perf_counter() - t0:.0f} s)")
-            bar.advance(task)
+            left = eta(todo[k:]) if k < len(todo) else "done"
+            log(f"[{k}/{len(todo)}] {wu.role:>6} {wu.label:<10} {_members(wu.members, 44):<44} score {head:.4f}  "
+                f"{prov['unit_wall_s']:.0f} s ({prov['eval_docs_per_s']:.1f} doc/s)  ETA {left}")
+            bar.update(task, advance=1, eta=left)
     return stats
+
+
+def _members(members: tuple[str, ...], width: int) -> str:
+    text = ", ".join(members)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def backfill_task_vector_norms(plan: EvalPlan, results_dir: str | Path = store.DEFAULT_RESULTS_DIR, *,

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from math import comb
 from typing import Literal
 
+from .errors import MergebenchError
+
 __all__ = [
     "SAMPLER_VERSION",
     "DocSample",
@@ -66,7 +68,7 @@ MAX_SUBSETS_PER_SIZE = 10_000
 Size = int | Literal["all"]
 
 
-class SamplingError(ValueError):
+class SamplingError(MergebenchError, ValueError):
     """Impossible sampling request (size larger than the pool, duplicate experts, ...)."""
 
 

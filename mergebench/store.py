@@ -14,11 +14,20 @@ people and for path pruning only: every column lives inside the files (DuckDB re
 
 A unit's id is a content hash (:func:`unit_id`): a resumed or repeated run computes the same id,
 :func:`has_unit` says it is done, and :func:`write_unit` refuses to write it twice.
+
+Robustness (docs/results-store.md, "Damage, concurrency and repair"): every reader skips a damaged file
+with a :class:`StoreWarning` naming it (a cheap footer check, cached per process); a unit's rows
+are committed before its provenance, and provenance without rows is never shown;
+:func:`claim_unit` keeps concurrent runs from computing one unit twice; :func:`check_store` finds
+what a crash left behind and :func:`fix_store` moves it to ``quarantine/``; :func:`sql` runs on a
+connection that can read the store's files and write none.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import glob as _glob
 import hashlib
 import json
 import os
@@ -27,10 +36,11 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +50,7 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import MergebenchError
 from .memory import peak_rss_bytes, reset_peak_rss
 
 SCHEMA_VERSION = "1"
@@ -52,6 +63,229 @@ REFERENCE_METHOD_DIR = "_reference"  # folder for base/expert rows, which belong
 
 ROLES = ("merged", "base", "expert")
 SOURCES = ("run", "paper")
+QUARANTINE_DIR = "quarantine"  # `mergebench store check --fix` moves files here, never deletes them
+CLAIMS_DIR = ".claims"  # one lock file per unit being computed (claim_unit)
+#: A hidden temp file untouched this long (seconds) belongs to no live write: a killed writer's leftover.
+STALE_TEMP_S = 600
+_TABLE_FILES = {  # table -> (folder under the results dir, glob of its files)
+    "results": ("runs", "suite=*/method=*/*.parquet"),
+    "provenance": ("provenance", "suite=*/method=*/*.parquet"),
+    "diagnostics": ("diagnostics", "pool=*/kind=*/*.parquet"),
+}
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+class StoreError(MergebenchError):
+    """The results store cannot do what was asked; the message (one line) names the file or folder."""
+
+
+class ResultsDirError(StoreError, ValueError):
+    """``--results`` is not a usable results folder (a file, under a file, or not writable)."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """Writing a store file failed (disk full, permissions); no temp file is left and nothing half-written."""
+
+
+class QueryRefusedError(StoreError, ValueError):
+    """A ``mergebench sql`` statement that could change files (COPY, EXPORT, ATTACH, CREATE, ...)."""
+
+
+class StoreWarning(UserWarning):
+    """A damaged store file was skipped, or a safeguard is unavailable; the message names the file."""
+
+
+def _warn(message: str) -> None:
+    # one line (Python's default format adds the source line of a plain warnings.warn)
+    warnings.warn_explicit(message, StoreWarning, filename="mergebench store", lineno=0, module="mergebench.store")
+
+
+@contextmanager
+def warnings_to(emit):
+    """Route the :class:`StoreWarning` s raised inside the block to ``emit(message)`` (e.g. a rich
+    console: one ``warning: ...`` line each); other warnings are re-issued unchanged."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", StoreWarning)
+        try:
+            yield
+        finally:
+            others = [w for w in seen if not issubclass(w.category, StoreWarning)]
+            for w in seen:
+                if issubclass(w.category, StoreWarning):
+                    emit(str(w.message))
+    for w in others:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def check_results_dir(path: str | os.PathLike, *, writable: bool = True) -> Path:
+    """``path`` if it can be a results folder (it need not exist yet), else :class:`ResultsDirError`.
+
+    Call it before any work starts: a ``--results`` that is a file, lies under a file or (with
+    ``writable``) cannot be written is reported at once, not after the first unit is computed.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ResultsDirError(f"--results {p} is a file, not a results folder")
+    anc = p.absolute()
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ResultsDirError(f"--results {p} lies under {anc}, which is a file, not a folder")
+    if writable and not os.access(anc, os.W_OK | os.X_OK):
+        raise ResultsDirError(f"--results {p}: {anc} is not writable")
+    return p
+
+
+def _write_error(target: Path, exc: OSError) -> StoreWriteError:
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
+        msg = (f"disk full while writing {target}: nothing of it was stored and the store is unchanged "
+               "(free some space, then rerun: finished units are kept)")
+    else:
+        msg = f"cannot write {target}: {exc.strerror or exc}"
+    err = StoreWriteError(msg)
+    err.errno = code
+    return err
+
+
+# ----------------------------------------------------------------------------- file health
+
+_HEALTH: dict[str, tuple[int, int, str | None]] = {}  # path -> (size, mtime_ns, problem)
+_WARNED: set[tuple[str, int, int]] = set()
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why a store Parquet file cannot be read (``"is empty (0 bytes)"``, ``"is truncated ..."``,
+    ``"is not a Parquet file ..."``), or None when its header and footer are sound.
+
+    Cheap enough for every file of every connect: one ``stat`` and 12 bytes read, cached by
+    (path, size, mtime) for the process. Raises FileNotFoundError if the file is gone.
+    """
+    key = os.fspath(path)
+    st = os.stat(key)
+    hit = _HEALTH.get(key)
+    if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        return hit[2]
+    problem = _header_problem(key, st.st_size)
+    _HEALTH[key] = (st.st_size, st.st_mtime_ns, problem)
+    return problem
+
+
+def _header_problem(path: str, size: int) -> str | None:
+    if size == 0:
+        return "is empty (0 bytes)"
+    if size < 12:
+        return f"is truncated ({size} bytes, too small to be a Parquet file)"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(-8, os.SEEK_END)
+            tail = fh.read(8)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if head != b"PAR1":
+        return "is not a Parquet file (no Parquet header)"
+    if tail[4:] != b"PAR1":
+        return f"is truncated ({size} bytes, no Parquet footer)"
+    if int.from_bytes(tail[:4], "little") + 12 > size:
+        return "is damaged (its Parquet footer is longer than the file)"
+    return None
+
+
+def _deep_problem(path: Path, schema: pa.Schema) -> str | None:
+    """:func:`file_problem`, then the footer parsed and the table's required columns present."""
+    problem = file_problem(path)
+    if problem is None:
+        try:
+            names = set(pq.read_schema(path).names)
+        except Exception as exc:  # noqa: BLE001 - any reader failure means damaged
+            return f"is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        lacking = [f.name for f in schema if not f.nullable and f.name not in names]
+        if lacking:
+            problem = f"is not a {schema.metadata[b'table'].decode()} file (lacks {', '.join(lacking)})"
+    return problem
+
+
+def _glob_health(root: Path, pattern: str, *, as_str: bool = False) -> tuple[list, list[tuple[Path, str]]]:
+    """(sound files, [(damaged file, problem)]) matching ``pattern`` under ``root``, sorted; the
+    sound ones as strings with ``as_str`` (this runs over every file of the store: Paths cost)."""
+    good: list = []
+    bad: list[tuple[Path, str]] = []
+    for f in sorted(_glob.glob(os.path.join(_glob.escape(os.fspath(root)), pattern))):
+        try:
+            problem = file_problem(f)
+        except FileNotFoundError:  # removed meanwhile (a race loser, or quarantined)
+            continue
+        if problem is None:
+            good.append(f)
+        else:
+            bad.append((Path(f), problem))
+    return (good if as_str else [Path(f) for f in good]), bad
+
+
+def _warn_damaged(bad: Iterable[tuple[Path, str]], results_dir: Path | None = None) -> None:
+    for f, problem in bad:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        key = (str(f), st.st_size, st.st_mtime_ns)
+        if key in _WARNED:
+            continue
+        _WARNED.add(key)
+        where = f" --results {results_dir}" if results_dir is not None and Path(results_dir) != DEFAULT_RESULTS_DIR else ""
+        _warn(f"{f} {problem}: skipped (run `mergebench store check{where} --fix` to move it aside)")
+
+
+def _scan(results_dir: Path, folder: str, pattern: str) -> list[Path]:
+    """The sound files matching ``pattern`` under ``results_dir/folder``; damaged ones are skipped
+    with a warning each."""
+    good, bad = _glob_health(Path(results_dir) / folder, pattern)
+    _warn_damaged(bad, results_dir)
+    return good
+
+
+def _read_sound(files: Iterable[Path], results_dir: Path | None = None, **kw) -> list[tuple[Path, pa.Table]]:
+    """(file, table) for each of ``files`` that pyarrow reads; the others are skipped with a warning."""
+    out = []
+    for f in files:
+        try:
+            out.append((f, pq.read_table(f, **kw)))
+        except FileNotFoundError:
+            continue
+        except (pa.ArrowException, OSError) as exc:
+            _warn_damaged([(f, f"is damaged ({(str(exc).splitlines() or [type(exc).__name__])[0]})")], results_dir)
+    return out
+
+
+def _quarantine(results_dir: Path, items: Sequence[tuple[Path, str]], stamp: str | None = None) -> list[Path]:
+    """Move ``items`` ([(file, why)]) to ``quarantine/<stamp>/<path under results_dir>`` (never
+    deleting anything) and append each move to that folder's ``moved.tsv``; the new paths."""
+    results_dir = Path(results_dir)
+    stamp = stamp or _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    box = results_dir / QUARANTINE_DIR / stamp
+    moved: list[Path] = []
+    for src, why in items:
+        try:
+            rel = Path(src).resolve().relative_to(results_dir.resolve())
+        except ValueError:
+            rel = Path(Path(src).name)
+        dest = box / rel
+        if dest.exists():
+            dest = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dest)
+        except FileNotFoundError:  # gone meanwhile (another process moved it)
+            continue
+        except OSError as exc:
+            raise _write_error(dest, exc) from None
+        with open(box / "moved.tsv", "a", encoding="utf-8") as fh:
+            fh.write(f"{rel}\t{why}\n")
+        moved.append(dest)
+    return moved
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
@@ -112,6 +346,14 @@ PROVENANCE_SCHEMA = pa.schema(
         _f("merge_peak_rss_bytes", pa.int64(), "Peak resident memory during the merge, bytes."),
         _f("gpu_peak_mem_bytes", pa.int64(), "Peak CUDA memory allocated during merge + eval, bytes; null on CPU."),
         _f("eval_wall_s", pa.float64(), "Wall time of the lm-eval evaluation, seconds."),
+        _f("unit_wall_s", pa.float64(), "Wall time of the whole unit (merge or load, diagnostics, scoring), seconds."),
+        _f("eval_docs", pa.int64(), "Documents scored in the unit (every task, every group leaf)."),
+        _f("eval_requests", pa.int64(), "lm-eval requests answered (one per choice of a multiple-choice document)."),
+        _f("eval_tokens", pa.int64(),
+           "Tokens run through the model (each shared context once with the prefix-sharing scorer)."),
+        _f("eval_docs_per_s", pa.float64(), "Documents scored per second of eval_wall_s."),
+        _f("scorer", pa.string(), "Log-likelihood scorer: 'shared' (prefix-sharing) or 'hflm' (lm-eval's stock HFLM)."),
+        _f("threads", pa.int32(), "CPU threads torch used for the unit."),
         _f("task_vector_norm", pa.float64(),
            "||theta_model - theta_base||_2 over the tensors shared with the base, in the evaluated dtype "
            "(seed 001 Fig. 4); 0 for the base model, null where not measured."),
@@ -256,17 +498,33 @@ def _partition(results_dir: Path, kind: str, suite: str, method: str | None) -> 
             / f"method={quote(method or REFERENCE_METHOD_DIR, safe='')}")
 
 
-def _atomic_write(table: pa.Table, final: Path, *, overwrite: bool = False) -> bool:
-    """Write `table` to `final` via a hidden temp file (invisible to the ``*.parquet`` globs).
-
-    Without `overwrite`, returns False and writes nothing if `final` already exists.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
+def _stage(table: pa.Table, final: Path) -> Path:
+    """Write ``table`` to a hidden, fsynced temp file beside ``final`` (invisible to the
+    ``*.parquet`` globs) and return it; on any failure nothing is left behind and an OSError
+    (disk full, ...) becomes a one-line :class:`StoreWriteError` naming ``final``."""
     tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, StoreError):
+            raise _write_error(final, exc) from None
+        raise
+    return tmp
+
+
+def _commit(tmp: Path, final: Path, *, overwrite: bool = False) -> bool:
+    """Move the staged ``tmp`` to ``final`` atomically (the temp file is gone afterwards).
+
+    Without ``overwrite``, returns False and commits nothing if ``final`` already exists.
+    """
+    try:
         if overwrite:
             os.replace(tmp, final)
             return True
@@ -279,20 +537,34 @@ def _atomic_write(table: pa.Table, final: Path, *, overwrite: bool = False) -> b
                 return False
             os.replace(tmp, final)
         return True
+    except OSError as exc:
+        raise _write_error(final, exc) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _atomic_write(table: pa.Table, final: Path, *, overwrite: bool = False) -> bool:
+    """Write ``table`` to ``final`` via a hidden temp file (:func:`_stage` + :func:`_commit`)."""
+    return _commit(_stage(table, final), final, overwrite=overwrite)
 
 
 def _unit_files(results_dir: Path, uid: str) -> list[Path]:
-    return sorted((Path(results_dir) / "runs").glob(f"suite=*/method=*/part-*-{uid}.parquet"))
+    """The unit's sound rows files (damaged ones are skipped with a warning)."""
+    return _scan(results_dir, "runs", f"suite=*/method=*/part-*-{uid}.parquet")
 
 
 def completed_units(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> set[str]:
-    """Ids of every unit with results on disk (one directory scan; use it to plan a resumed run)."""
-    root = Path(results_dir) / "runs"
-    if not root.is_dir():
-        return set()
-    return {p.stem.rsplit("-", 1)[1] for p in root.glob("suite=*/method=*/part-*.parquet")}
+    """Ids of every unit with results on disk (one directory scan; use it to plan a resumed run).
+
+    A unit whose rows file is damaged is not counted (a warning names the file), so a resumed
+    run computes it again.
+    """
+    good, bad = _glob_health(Path(results_dir) / "runs", "suite=*/method=*/part-*.parquet", as_str=True)
+    _warn_damaged(bad, Path(results_dir))
+    return {f[: -len(".parquet")].rsplit("-", 1)[1] for f in good}
 
 
 def has_unit(unit: str | Unit, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> bool:
@@ -364,8 +636,15 @@ def write_unit(
     nothing is written. Writers racing on the same unit (two runs doing the same work at once)
     converge to one file: after committing, each removes every file of the unit but the one
     with the smallest name; readers may see both copies only inside that window, and a call
-    that returned ``written=True`` may have had its copy replaced by an identical one.
-    The provenance record (if any) is written first, so a unit with results always has it.
+    that returned ``written=True`` may have had its copy replaced by an identical one
+    (:func:`claim_unit` keeps cooperating runs from computing a unit twice in the first place).
+
+    Rows and provenance land together: the provenance record (if any) is staged first (written
+    and fsynced under a hidden temp name), the rows are committed, then the provenance is
+    renamed into place, and only by the writer whose rows file is the unit's surviving one. A
+    failure before the rows commit leaves neither; a kill between the two renames leaves the
+    rows and a hidden temp file (``mergebench store check``). A damaged rows file of the unit
+    (see :func:`file_problem`) is moved to ``quarantine/`` so that the unit can be stored again.
 
     With ``exclusive`` (used by sweeps, whose units may be retried or duplicated by many workers)
     the file is named by the unit alone, ``part-unit-<unit_id>.parquet``: racing writers commit
@@ -378,7 +657,7 @@ def write_unit(
         raise ValueError(f"run_id {run_id!r} must match {_RUN_ID.pattern}")
     results_dir = Path(results_dir)
     uid = unit.unit_id
-    existing = _unit_files(results_dir, uid)
+    existing, damaged = _glob_health(results_dir / "runs", f"suite=*/method=*/part-*-{uid}.parquet")
     if existing:
         return WriteResult(uid, existing[0], False)
     table = _rows_table(rows)
@@ -399,21 +678,33 @@ def write_unit(
     dup = table.group_by(["task", "metric"]).aggregate([("value", "count")])
     if dup.num_rows != table.num_rows:
         raise ValueError(f"unit {uid}: rows repeat a (task, metric) pair")
-    if provenance is not None:
-        write_provenance(provenance, run_id=run_id, unit=unit, results_dir=results_dir)
     part = _partition(results_dir, "runs", unit.suite, unit.method)
     final = part / (f"part-unit-{uid}.parquet" if exclusive else f"part-{run_id}-{uid}.parquet")
-    if not _atomic_write(table, final):
-        return WriteResult(uid, final, False)
-    # Race resolution: of all committed files of a unit, the lexicographically smallest survives.
-    # Every writer removes the others it sees after its own commit, and the last one to commit sees
-    # them all, so the store converges to one file per unit.
-    files = _unit_files(results_dir, uid)
-    for extra in files[1:]:
-        extra.unlink(missing_ok=True)
-    if files and files[0] != final:
-        return WriteResult(uid, files[0], False)
-    return WriteResult(uid, final, True)
+    prov = None if provenance is None else _provenance_table(provenance, run_id=run_id, unit=unit,
+                                                             results_dir=results_dir)
+    rows_tmp = _stage(table, final)
+    prov_tmp = None
+    try:
+        prov_tmp = None if prov is None else _stage(*prov)
+        for moved in _quarantine(results_dir, damaged):
+            _warn(f"moved the damaged rows file of unit {uid} to {moved}; storing the unit again")
+        if not _commit(rows_tmp, final):
+            return WriteResult(uid, final, False)
+        # Race resolution: of all committed files of a unit, the lexicographically smallest
+        # survives. Every writer removes the others it sees after its own commit, and the last one
+        # to commit sees them all, so the store converges to one file per unit.
+        files = _unit_files(results_dir, uid)
+        for extra in files[1:]:
+            extra.unlink(missing_ok=True)
+        if files and files[0] != final:
+            return WriteResult(uid, files[0], False)
+        if prov_tmp is not None:
+            _commit(prov_tmp, prov[1], overwrite=True)  # the same run re-recording a unit keeps the newest
+        return WriteResult(uid, final, True)
+    finally:
+        for tmp in (rows_tmp, prov_tmp):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
 
 def write_provenance(
@@ -429,6 +720,14 @@ def write_provenance(
     `record` holds any PROVENANCE_SCHEMA columns (typically ``collect_environment()`` merged with
     the unit's timings from :func:`measure`); unknown keys go into ``extra_json``.
     """
+    table, final = _provenance_table(record, run_id=run_id, unit=unit, suite=suite, results_dir=results_dir)
+    _atomic_write(table, final, overwrite=True)  # the same run re-recording a unit keeps the newest
+    return final
+
+
+def _provenance_table(record: Mapping[str, Any], *, run_id: str, unit: Unit | None = None, suite: str | None = None,
+                      results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> tuple[pa.Table, Path]:
+    """One provenance row as a PROVENANCE_SCHEMA table, and the file it belongs in."""
     rec = dict(record)
     extra = {k: rec.pop(k) for k in list(rec) if k not in PROVENANCE_SCHEMA.names}
     if extra:
@@ -449,19 +748,20 @@ def write_provenance(
     row = pa.Table.from_pylist([rec]) if rec else pa.table({"extra_json": pa.array([None], pa.string())})
     table = _conform(row, PROVENANCE_SCHEMA, constants)
     part = _partition(Path(results_dir), "provenance", suite, unit.method if unit else None)
-    final = part / f"prov-{run_id}-{uid or 'run'}.parquet"
-    _atomic_write(table, final, overwrite=True)  # the same run re-recording a unit keeps the newest
-    return final
+    return table, part / f"prov-{run_id}-{uid or 'run'}.parquet"
 
 
 def _unit_provenance_files(unit: Unit, results_dir: str | os.PathLike) -> list[Path]:
-    return sorted(_partition(Path(results_dir), "provenance", unit.suite, unit.method).glob(
-        f"prov-*-{unit.unit_id}.parquet"))
+    """The unit's sound provenance files, none if the unit has no rows (damaged ones skipped, warned)."""
+    part = _partition(Path(results_dir), "provenance", unit.suite, unit.method)
+    files = _scan(Path(results_dir), "provenance", f"{part.parent.name}/{part.name}/prov-*-{unit.unit_id}.parquet")
+    return files if files and has_unit(unit, results_dir) else []
 
 
 def read_unit_provenance(unit: Unit, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> list[dict[str, Any]]:
-    """The provenance records of one stored unit (one per run that evaluated it), as dicts."""
-    return [row for f in _unit_provenance_files(unit, results_dir) for row in pq.read_table(f).to_pylist()]
+    """The provenance records of one stored unit (one per run that evaluated it), as dicts; none
+    for a unit without rows (provenance left by a failed write is not a record of the unit)."""
+    return [row for _, t in _read_sound(_unit_provenance_files(unit, results_dir), results_dir) for row in t.to_pylist()]
 
 
 def update_provenance(unit: Unit, values: Mapping[str, Any],
@@ -472,9 +772,9 @@ def update_provenance(unit: Unit, values: Mapping[str, Any],
     bad = [k for k in values if k not in PROVENANCE_SCHEMA.names or k in ("run_id", "unit_id", "suite", "method")]
     if bad:
         raise ValueError(f"cannot set provenance columns {bad}")
-    files = _unit_provenance_files(unit, results_dir)
-    for file in files:
-        table = pq.read_table(file)
+    files = []
+    for file, table in _read_sound(_unit_provenance_files(unit, results_dir), results_dir):
+        files.append(file)
         cols = {name: table.column(name) if name in table.column_names else pa.nulls(table.num_rows, f.type)
                 for name, f in zip(PROVENANCE_SCHEMA.names, PROVENANCE_SCHEMA)}
         for k, v in values.items():
@@ -620,38 +920,86 @@ def _paper_table(df) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=PAPER_SCHEMA)
 
 
-def _parquet_view(con, name: str, root: Path, pattern: str, schema: pa.Schema) -> None:
-    files = list(root.glob(pattern)) if root.is_dir() else []
-    if files:
-        glob = str(root / pattern).replace("'", "''")
-        # the union with an empty typed table adds the schema's columns that older files lack, as NULL
-        con.register(f"_{name}_schema", schema.empty_table())
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{glob}', "
-                    f"union_by_name=true, hive_partitioning=false) UNION ALL BY NAME SELECT * FROM _{name}_schema")
-    else:  # DuckDB errors on a glob without matches; an empty typed table keeps queries valid
-        con.register(f"_{name}_empty", schema.empty_table())
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _{name}_empty")
+def _sql_str(value: Any) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _parquet_view(con, name: str, results_dir: Path, schema: pa.Schema, *, pinned: bool,
+                  where: Callable[[bool], str] | None = None) -> tuple[list[Path], bool]:
+    """Create view ``name`` over the table's sound files (rows filtered by ``where(dynamic)``, if
+    given): (the files it reads, whether it reads them through the glob, i.e. is dynamic).
+
+    A healthy table is read through its glob, so files written after connect are seen; once a
+    damaged file had to be skipped (or with ``pinned``) the view reads the sound files found now.
+    """
+    import duckdb
+
+    folder, pattern = _TABLE_FILES[name]
+    root = results_dir / folder
+    files, bad = _glob_health(root, pattern)
+    _warn_damaged(bad, results_dir)
+    con.register(f"_{name}_schema", schema.empty_table())  # the union adds columns older files lack, as NULL
+    while files:
+        dynamic = not (bad or pinned)
+        src = (_sql_str(root / pattern) if dynamic
+               else "[" + ", ".join(_sql_str(os.path.abspath(f) if pinned else f) for f in files) + "]")
+        body = (f"SELECT * FROM read_parquet({src}, union_by_name=true, hive_partitioning=false) "
+                f"UNION ALL BY NAME SELECT * FROM _{name}_schema")
+        if where is not None:  # one view: a view over a view would read every file's footer twice
+            body = f"SELECT * FROM ({body}) WHERE {where(dynamic)}"
+        try:
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+            return files, dynamic
+        except duckdb.Error as exc:
+            # a file whose header and footer look sound but do not parse: find it with pyarrow
+            deep = [(f, why) for f in files if (why := _deep_problem(f, schema)) is not None]
+            if not deep:
+                raise StoreError(f"cannot read the {name} files under {root}: {str(exc).splitlines()[0]}") from None
+            _warn_damaged(deep, results_dir)
+            bad = [*bad, *deep]
+            files = [f for f in files if f not in dict(deep)]
+    # DuckDB errors on a glob without matches; an empty typed table keeps queries valid
+    con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _{name}_schema")
+    return files, False
 
 
 def connect(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, paper_dir: str | os.PathLike | None = None,
-            *, include_paper: bool = True):
+            *, include_paper: bool = True, read_only: bool = False):
     """An in-memory DuckDB connection with views over the store.
 
-    Views: ``results`` (all measured rows), ``provenance``, ``paper`` (published rows; from
-    `paper_dir`, default ``<results_dir>/paper``) and ``all_results`` (results UNION ALL BY NAME
-    paper: run rows have null paper-only columns). File lists are resolved per query, but a
-    directory that was empty at connect time stays an empty view: reconnect after the first write.
+    Views: ``results`` (all measured rows), ``provenance`` (records of units that have rows, and
+    run-level records), ``diagnostics``, ``paper`` (published rows; from `paper_dir`, default
+    ``<results_dir>/paper``) and ``all_results`` (results UNION ALL BY NAME paper: run rows have
+    null paper-only columns). File lists are resolved per query, but a directory that was empty
+    at connect time stays an empty view (reconnect after the first write), and so does a table
+    in which a damaged file was skipped (a :class:`StoreWarning` names it).
+
+    ``read_only``: the connection may open the store's files for reading and no other file
+    (DuckDB's ``enable_external_access`` off, ``allowed_paths`` = those files, configuration
+    locked); views read the files found at connect time. It can still overwrite those very files
+    (DuckDB's allowed paths are read-write): :func:`sql` also refuses every statement but SELECT.
     """
     import duckdb
 
     results_dir = Path(results_dir)
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone = 'UTC'")  # timestamps come back in UTC whatever the machine's zone
-    _parquet_view(con, "results", results_dir / "runs", "suite=*/method=*/*.parquet", RESULTS_SCHEMA)
-    _parquet_view(con, "provenance", results_dir / "provenance", "suite=*/method=*/*.parquet", PROVENANCE_SCHEMA)
     from .diagnostics.store import DIAGNOSTICS_SCHEMA  # here: diagnostics.store imports this module
 
-    _parquet_view(con, "diagnostics", results_dir / "diagnostics", "pool=*/kind=*/*.parquet", DIAGNOSTICS_SCHEMA)
+    read = {"results": _parquet_view(con, "results", results_dir, RESULTS_SCHEMA, pinned=read_only)}
+    runs, runs_dynamic = read["results"]
+
+    def with_rows(dynamic: bool) -> str:
+        """Provenance of a unit without rows (a write that failed half way, in an older version) is hidden."""
+        if dynamic and runs_dynamic:
+            glob = _sql_str(results_dir / _TABLE_FILES["results"][0] / "suite=*/method=*/part-*.parquet")
+            return rf"unit_id IS NULL OR unit_id IN (SELECT regexp_extract(file, '-([0-9a-f]+)\.parquet$', 1) FROM glob({glob}))"
+        con.register("_units_with_rows", pa.table({"unit_id": sorted({f.stem.rsplit("-", 1)[-1] for f in runs})}))
+        return "unit_id IS NULL OR unit_id IN (SELECT unit_id FROM _units_with_rows)"
+
+    read["provenance"] = _parquet_view(con, "provenance", results_dir, PROVENANCE_SCHEMA, pinned=read_only,
+                                       where=with_rows)
+    read["diagnostics"] = _parquet_view(con, "diagnostics", results_dir, DIAGNOSTICS_SCHEMA, pinned=read_only)
     pdir = results_dir / "paper" if paper_dir is None else Path(paper_dir)
     if include_paper and pdir.is_dir():
         import pandas as pd
@@ -664,19 +1012,86 @@ def connect(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, paper_dir: str
     con.register("_paper_table", paper)
     con.execute("CREATE OR REPLACE VIEW paper AS SELECT * FROM _paper_table")
     con.execute("CREATE OR REPLACE VIEW all_results AS SELECT * FROM results UNION ALL BY NAME SELECT * FROM paper")
+    if read_only:
+        allowed = "[" + ", ".join(_sql_str(os.path.abspath(f)) for files, _ in read.values() for f in files) + "]"
+        con.execute(f"SET allowed_paths = {allowed}")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET python_enable_replacements = false")  # no scans of the caller's Python variables
+        con.execute("SET lock_configuration = true")
     return con
+
+
+#: The only statements :func:`sql` runs: reading queries (SELECT, WITH, FROM, VALUES, DESCRIBE,
+#: SHOW, SUMMARIZE all parse as SELECT). COPY, EXPORT, ATTACH, CREATE, INSTALL/LOAD, SET, PRAGMA,
+#: CALL, EXPLAIN (whose ANALYZE runs its statement) and the rest are refused.
+_READ_STATEMENTS = ("SELECT",)
+
+
+def check_query(con, query: str) -> None:
+    """Raise :class:`QueryRefusedError` unless every statement of ``query`` only reads (DuckDB's
+    own parser decides; a syntax error is DuckDB's ParserException)."""
+    statements = con.extract_statements(query)
+    if not statements:
+        raise QueryRefusedError("the query is empty: give a SELECT statement")
+    for st in statements:
+        kind = getattr(st.type, "name", str(st.type))
+        if kind not in _READ_STATEMENTS:
+            first = (st.query.split() or [kind])[0].upper()
+            raise QueryRefusedError(f"{first} statements are refused: `mergebench sql` only reads the store (SELECT "
+                                    "queries; save a result with --out FILE.csv or FILE.parquet)")
 
 
 def sql(query: str, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, paper_dir: str | os.PathLike | None = None,
         params: Sequence[Any] | None = None) -> "pd.DataFrame":  # noqa: F821
-    """Run `query` against the views of :func:`connect` and return a pandas DataFrame."""
-    con = connect(results_dir, paper_dir)
+    """Run the reading `query` against the views of :func:`connect` and return a pandas DataFrame.
+
+    The connection is ``read_only`` and every statement must be a query (:func:`check_query`):
+    nothing can write a file, inside the results folder or anywhere else.
+    """
+    import duckdb
+
+    con = connect(results_dir, paper_dir, read_only=True)
     try:
+        check_query(con, query)
         with warnings.catch_warnings():  # duckdb's own DataFrame conversion uses deprecated pandas API
             warnings.filterwarnings("ignore", message="The inplace keyword", category=Warning)
             return con.execute(query, params or []).df()
+    except duckdb.PermissionException as exc:
+        raise QueryRefusedError(f"{str(exc).splitlines()[0]}: `mergebench sql` reads only the store's views (results, "
+                                "provenance, diagnostics, paper, all_results)") from None
     finally:
         con.close()
+
+
+def write_export(frame: "pd.DataFrame", path: str | os.PathLike,  # noqa: F821
+                 results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> Path:
+    """Write a query result to ``path`` (``.csv`` or ``.parquet``) atomically; refused inside the
+    results folder, which only mergebench's own writers change. List cells (``subset``) are
+    written to CSV as ``a|b``, as in ``results/paper``."""
+    path = Path(path)
+    kind = path.suffix.lower()
+    if kind not in (".csv", ".parquet"):
+        raise StoreError(f"--out {path}: give a file ending in .csv or .parquet")
+    res, target = Path(results_dir).resolve(), path.resolve()
+    if target == res or target.is_relative_to(res):
+        raise StoreError(f"--out {path} is inside the results folder {results_dir}: query output is never written "
+                         "into the store; choose a file elsewhere")
+    if not target.parent.is_dir():
+        raise StoreError(f"--out {path}: folder {path.parent} does not exist")
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        if kind == ".parquet":
+            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+        else:
+            lists = {c: frame[c].map(lambda v: v if v is None or isinstance(v, (str, bytes)) or not hasattr(v, "__iter__")
+                                     else "|".join(map(str, v))) for c in frame.columns if frame[c].dtype == object}
+            frame.assign(**lists).to_csv(tmp, index=False)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise _write_error(target, exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def read_results(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, where: str | None = None,
@@ -684,3 +1099,286 @@ def read_results(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, where: st
     """Rows of the ``results`` view (optionally filtered by a SQL `where` clause) as a DataFrame."""
     q = "SELECT * FROM results" + (f" WHERE {where}" if where else "")
     return sql(q, results_dir, params=params)
+
+
+# ---------------------------------------------------------------------------------- claims
+
+_HELD: set[str] = set()  # claim files this process holds (flock on NFS may be per process, not per open)
+_HELD_LOCK = threading.Lock()
+_NO_LOCKS: set[str] = set()  # claim folders whose filesystem has no file locks (warned once)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :func:`claim_unit` yields: truthy when this process holds the unit; else ``holder``
+    says who does (``"pid 4242 on node-1 since 2025-01-01T12:00:00+00:00 (run ...)"``)."""
+
+    unit_id: str
+    acquired: bool
+    holder: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.acquired
+
+
+def _claim_path(results_dir: str | os.PathLike, uid: str) -> Path:
+    return Path(results_dir) / CLAIMS_DIR / f"{uid}.claim"
+
+
+def _claim_holder(path: Path, *, since: bool = True) -> str:
+    try:
+        info = json.loads(path.read_text())
+        who = f"pid {info['pid']} on {info['host']}" + (f" since {info['since']}" if since else "")
+        return who + (f" (run {info['run_id']})" if info.get("run_id") else "")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on ``path`` (created if missing), or None if another
+    process holds it. OSError if the filesystem has no locks."""
+    import fcntl
+
+    for _ in range(20):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # its holder released and removed it between our open and our lock: again
+    raise StoreError(f"cannot claim {path}: it keeps being replaced")
+
+
+@contextmanager
+def claim_unit(unit: str | Unit, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *, run_id: str | None = None):
+    """Claim a unit of work for the duration of the block, so that concurrent runs (two ``eval``
+    or ``sweep`` processes, Ray workers) never compute it twice.
+
+    Yields a :class:`Claim`: truthy when this process now holds the unit (check :func:`has_unit`
+    again inside the block, since another process may have finished it in the meantime, then
+    compute and write it), falsy when a live process holds it (skip the unit and report
+    ``claim.holder``). The claim is an exclusive ``flock`` on ``<results>/.claims/<unit_id>.claim``
+    (which also records pid, host, start time and run); the kernel releases it when its process
+    dies, however it dies, so a claim left by a killed run is taken over at once (``store check``
+    lists such leftover files). The file is removed when the block ends. Where the filesystem has
+    no file locks, a warning says so once and every claim succeeds (rows are still stored once).
+    """
+    uid = unit.unit_id if isinstance(unit, Unit) else str(unit)
+    if not _HEX.match(uid):
+        raise ValueError(f"unit id {uid!r} must be 8-64 lowercase hex digits")
+    path = _claim_path(results_dir, uid)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(path.parent, exc) from None
+    key = str(path.resolve())
+    with _HELD_LOCK:
+        held_here = key in _HELD
+        _HELD.add(key)
+    if held_here:
+        yield Claim(uid, False, f"pid {os.getpid()} on {platform.node()} (this process)")
+        return
+    fd = None
+    try:
+        try:
+            fd = _try_lock(path)
+        except OSError as exc:
+            if str(path.parent) not in _NO_LOCKS:
+                _NO_LOCKS.add(str(path.parent))
+                _warn(f"{path.parent} has no file locks ({exc.strerror or exc}): units are not claimed, concurrent "
+                      "runs may compute a unit twice (its rows are still stored once)")
+            yield Claim(uid, True)
+            return
+        if fd is None:
+            yield Claim(uid, False, _claim_holder(path))
+            return
+        info = {"pid": os.getpid(), "host": platform.node(), "run_id": run_id,
+                "since": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, canonical_json(info).encode(), 0)
+        yield Claim(uid, True)
+    finally:
+        if fd is not None:
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    path.unlink()  # still holding the lock: nobody can have taken it over
+            except OSError:
+                pass
+            os.close(fd)
+        with _HELD_LOCK:
+            _HELD.discard(key)
+
+
+# -------------------------------------------------------------------------- check and repair
+
+
+@dataclass(frozen=True)
+class StoreProblem:
+    """One thing ``mergebench store check`` found; ``kind`` is a key of :data:`PROBLEM_KINDS`."""
+
+    kind: str
+    path: Path
+    detail: str
+
+
+#: kind -> heading of its section in the report.
+PROBLEM_KINDS = {
+    "damaged": "damaged or unreadable files (skipped by every reader)",
+    "orphan": "provenance without result rows (hidden from the provenance view)",
+    "duplicate": "duplicated units (a second file of a stored unit; the smallest name is kept)",
+    "temp": f"stale temp files (hidden, untouched for over {STALE_TEMP_S // 60} min: a killed write)",
+    "claim": "stale claims (left by a process that died)",
+}
+
+
+@dataclass
+class StoreCheck:
+    """What :func:`check_store` found in ``results_dir``."""
+
+    results_dir: Path
+    problems: list[StoreProblem] = field(default_factory=list)
+    files: dict[str, int] = field(default_factory=dict)  # table -> files scanned
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        """The report: per kind of problem, each folder (relative to the results folder) once,
+        then each file name and what is wrong with it on lines of their own, so that it fits 100
+        columns with the store's own file names."""
+        out = [f"store check of {self.results_dir}",
+               "  " + ", ".join(f"{n} {t}" for t, n in self.files.items()) + " file(s)"]
+        for kind, heading in PROBLEM_KINDS.items():
+            items = [p for p in self.problems if p.kind == kind]
+            if items:
+                out.append(f"{heading}: {len(items)}")
+                folder = None
+                for p in items:
+                    rel = Path(_rel(p.path, self.results_dir))
+                    if rel.parent != folder:
+                        folder = rel.parent
+                        out.append(f"  {folder}/")
+                    out += [f"    {rel.name}", f"      {p.detail}"]
+        out += [f"note: {n}" for n in self.notes]
+        if self.clean:
+            out.append("no problems found")
+        return out
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def check_store(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> StoreCheck:
+    """Find damaged or unreadable files (header, footer and schema of every Parquet file of the
+    three tables), provenance whose unit has no readable rows, units stored in two files, stale
+    hidden temp files and stale claims. Reads and changes nothing else; :func:`fix_store` repairs."""
+    from .diagnostics.store import DIAGNOSTICS_SCHEMA
+
+    results_dir = Path(results_dir)
+    report = StoreCheck(results_dir)
+    schemas = {"results": RESULTS_SCHEMA, "provenance": PROVENANCE_SCHEMA, "diagnostics": DIAGNOSTICS_SCHEMA}
+    sound: dict[str, list[Path]] = {}
+    for table, schema in schemas.items():
+        folder, pattern = _TABLE_FILES[table]
+        root = results_dir / folder
+        files = sorted(root.glob(pattern)) if root.is_dir() else []
+        report.files[table] = len(files)
+        sound[table] = []
+        for f in files:
+            try:
+                problem = _deep_problem(f, schema)
+            except FileNotFoundError:
+                continue
+            if problem is None:
+                sound[table].append(f)
+            else:
+                report.problems.append(StoreProblem("damaged", f, problem.removeprefix("is ")))
+    units: dict[str, list[Path]] = {}
+    for table in ("results", "diagnostics"):
+        by_uid: dict[str, list[Path]] = {}
+        for f in sound[table]:
+            by_uid.setdefault(f.stem.rsplit("-", 1)[-1], []).append(f)
+        for uid, fs in by_uid.items():
+            keep, *extra = sorted(fs)
+            report.problems += [StoreProblem("duplicate", f, f"its unit is also in {keep.name} (kept)") for f in extra]
+        if table == "results":
+            units = by_uid
+    for f in sound["provenance"]:
+        uid = f.stem.rsplit("-", 1)[-1]
+        if uid != "run" and uid not in units:
+            report.problems.append(StoreProblem("orphan", f, f"unit {uid} has no readable rows file"))
+    recorded = {f.stem.rsplit("-", 1)[-1] for f in sound["provenance"]}
+    without = sum(1 for uid in units if uid not in recorded)
+    if without:
+        report.notes.append(f"{without} unit(s) have rows but no readable provenance record (the rows are valid)")
+    now = time.time()
+    live = 0
+    for tmp in sorted(results_dir.rglob(".*.tmp")) if results_dir.is_dir() else []:
+        if QUARANTINE_DIR in tmp.relative_to(results_dir).parts[:1]:
+            continue
+        try:
+            age = now - tmp.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > STALE_TEMP_S:
+            report.problems.append(StoreProblem("temp", tmp, f"{tmp.stat().st_size} bytes, last written "
+                                                             f"{age / 3600:.1f} h ago"))
+        else:
+            live += 1
+    for claim in sorted((results_dir / CLAIMS_DIR).glob("*.claim")) if (results_dir / CLAIMS_DIR).is_dir() else []:
+        try:
+            fd = _try_lock(claim)
+        except OSError:
+            continue  # no file locks here: a claim's liveness cannot be told
+        if fd is None:
+            live += 1
+            continue
+        os.close(fd)  # released at once: a claimant arriving meanwhile retries (claim_unit)
+        report.problems.append(StoreProblem("claim", claim, f"left by {_claim_holder(claim, since=False)}, now gone"))
+    if live:
+        report.notes.append(f"{live} write(s) or claim(s) in progress now (left alone)")
+    return report
+
+
+def fix_store(report: StoreCheck) -> tuple[Path, list[tuple[StoreProblem, Path]]]:
+    """Move every file of ``report.problems`` to ``<results>/quarantine/<UTC timestamp>/`` under
+    its path in the store (nothing is deleted; ``moved.tsv`` there lists why each file was
+    moved). Returns that folder and (problem, new path) for each file moved; a file that is gone,
+    or a claim that is held again, is left alone."""
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    moved = []
+    for p in report.problems:
+        fd = None
+        if p.kind == "claim":  # moved while locked, so that no claimant can take it over meanwhile
+            if not p.path.exists():
+                continue
+            try:
+                fd = _try_lock(p.path)
+            except OSError:
+                continue
+            if fd is None:
+                continue  # claimed again since the check: live now
+        try:
+            dest = _quarantine(report.results_dir, [(p.path, f"{p.kind}: {p.detail}")], stamp)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if dest:
+            moved.append((p, dest[0]))
+    return report.results_dir / QUARANTINE_DIR / stamp, moved

@@ -31,6 +31,8 @@ from . import sampling
 from .pools import ConfigError, Pool, read_yaml, suites_root, tag_values, validate_named_file
 from .sampling import DocSample, Subset
 
+from .errors import MergebenchError
+
 __all__ = [
     "REPORT_METRICS",
     "DocsConfig",
@@ -43,6 +45,7 @@ __all__ = [
     "Suite",
     "SuiteError",
     "TaskSpec",
+    "check_task_metrics",
     "embedded_task_names",
     "list_suites",
     "load_suite",
@@ -63,7 +66,7 @@ REPORT_METRICS: dict[str, str] = {
 }
 
 
-class SuiteError(ValueError):
+class SuiteError(MergebenchError, ValueError):
     """A suite or profile cannot be used as asked."""
 
 
@@ -98,7 +101,9 @@ class DocsConfig(BaseModel):
 
     budget: int | None = Field(None, ge=1, description="documents per task; None evaluates every document")
     seed: int = 0
-    split: str = Field("test", description="split of the embedded tasks (hub tasks use lm-eval's evaluation split)")
+    split: Literal["train", "validation", "test"] = Field(
+        "test", description="split of the embedded tasks (hub tasks use lm-eval's evaluation split)"
+    )
 
 
 class Selector(BaseModel):
@@ -575,6 +580,55 @@ def load_suite(name: str) -> Suite:
 
 def list_suites() -> list[Suite]:
     return [load_suite(n) for n in suite_names()]
+
+
+def _reported_metrics(entry) -> set[str] | None:
+    """Metrics lm-eval reports for one entry of a ``TaskManager``'s index, from its config: a
+    task's ``metric_list`` (or lm-eval's defaults for its output type), a group's
+    ``aggregate_metric_list``; None where the config does not say (Python tasks, tags)."""
+    kind = getattr(entry.kind, "name", str(entry.kind)).upper()
+    cfg = entry.cfg or {}
+    if kind == "GROUP":
+        listed = cfg.get("aggregate_metric_list")
+    elif kind == "TASK":
+        listed = cfg.get("metric_list")
+        if not listed:
+            from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
+
+            return set(DEFAULT_METRIC_REGISTRY.get(cfg.get("output_type"), [])) or None
+    else:
+        return None
+    if isinstance(listed, dict):
+        listed = [listed]
+    names = {m.get("metric") for m in listed or [] if isinstance(m, dict)}
+    return {n for n in names if isinstance(n, str)} or None
+
+
+def check_task_metrics(suite: Suite, profile: Profile, task_manager) -> None:
+    """Every task of ``profile`` is known to ``task_manager`` (the lm-eval ``TaskManager`` a run
+    uses) and its config reports the task's headline ``metric`` -- otherwise the task would drop
+    out of every headline score without a word. Raises :class:`SuiteError` naming each."""
+    index = task_manager.task_index
+    embedded = all(t.name.startswith("mb_") for t in profile.tasks)
+    problems = []
+    for i, t in enumerate(profile.tasks):
+        where = f"profiles.{profile.name}.tasks.{i}"
+        entry = index.get(t.name)
+        if entry is None:
+            if embedded:
+                known = "embedded tasks: " + ", ".join(sorted(n for n, e in index.items() if e.kind.name != "TAG"))
+            else:
+                known = "not in the installed lm-eval or suites/lm_eval"
+            problems.append(f"{where}: no task, group or tag {t.name!r} ({known})")
+            continue
+        metrics = _reported_metrics(entry)
+        if metrics is not None and t.metric.partition(",")[0] not in metrics:
+            problems.append(
+                f"{where}: task {t.name!r} reports no metric {t.metric!r} (its lm-eval config lists: "
+                f"{', '.join(sorted(metrics))})"
+            )
+    if problems:
+        raise SuiteError(f"{suite.file or suite.name}: " + "; ".join(problems))
 
 
 _TASK_LINE = re.compile(r"^task:\s*([A-Za-z0-9_.\-]+)\s*$", re.M)

@@ -10,7 +10,10 @@ or, to get one pytest item per check::
         check()
 
 Checks run on small random tensors with the method's default parameters (or ``params``).
-Property checks (``identity_on_base``, ``idempotent``, ``order_invariant``) run only for the
+Universal checks: shapes and dtypes, determinism, no input mutation, finite results on
+degenerate inputs, strided (non-contiguous) inputs giving the contiguous inputs' result, and
+non-finite inputs (NaN, inf in an expert or the base) never vanishing silently: the kernel
+must raise or let them reach the output. Property checks (``identity_on_base``, ``idempotent``, ``order_invariant``) run only for the
 properties the method declares, because e.g. un-normalized task arithmetic is legitimately
 not idempotent. Auxiliary inputs (``aux_inputs``) are not supplied: methods must treat them
 as optional.
@@ -24,12 +27,13 @@ from typing import Any
 
 import torch
 
+from .errors import MergebenchError
 from .methods.spec import MethodSpec, ModuleKind, TensorContext, tensor_seed
 
 __all__ = ["Check", "CheckFailure", "check_method", "method_checks", "run_kernel"]
 
 
-class CheckFailure(AssertionError):
+class CheckFailure(MergebenchError, AssertionError):
     pass
 
 
@@ -112,6 +116,20 @@ def _finite(t: torch.Tensor, what: str) -> None:
         raise CheckFailure(f"{what}: result has NaN or inf")
 
 
+def _strided(t: torch.Tensor, how: str) -> torch.Tensor:
+    """A non-contiguous tensor equal to ``t``: a transposed view or every other column/element."""
+    if how == "transposed" and t.dim() == 2:
+        return t.T.contiguous().T
+    wide = torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def _with_ties(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to a coarse grid, so magnitudes (and task-vector entries) tie often."""
+    return torch.round(t * 8) / 8
+
+
 def method_checks(spec: MethodSpec, params: Mapping[str, Any] | None = None) -> list[Check]:
     """The list of checks for ``spec`` (each a zero-argument callable raising CheckFailure)."""
     n = _n_experts(spec)
@@ -177,6 +195,77 @@ def method_checks(spec: MethodSpec, params: Mapping[str, Any] | None = None) -> 
                 raise CheckFailure("the kernel modified one of its input tensors in place")
         if not torch.equal(weights, torch.ones(n)):
             raise CheckFailure("the kernel modified the weights tensor in place")
+
+    for key, how in (("matrix", "transposed"), ("matrix", "sliced"), ("vector", "sliced")):
+
+        @add(f"noncontiguous[{key}/{how}]")
+        def _(key=key, how=how):
+            for ties in (False, True):
+                base, experts = _inputs(spec, _SHAPES[key], n, torch.float64, spread=0.3)
+                if ties:
+                    base, experts = _with_ties(base), [_with_ties(e) for e in experts]
+                want = run_kernel(spec, base, experts, p, _CONTEXTS[key], seed=3)
+                sb, se = _strided(base, how), [_strided(e, how) for e in experts]
+                if sb.is_contiguous() or any(e.is_contiguous() for e in se):
+                    raise AssertionError("the kit failed to build non-contiguous inputs")
+                got = run_kernel(spec, sb, se, p, _CONTEXTS[key], seed=3)
+                if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                    raise CheckFailure(f"{how} inputs ({key}) gave {type(got).__name__} {tuple(getattr(got, 'shape', ()))}")
+                _close(got, want, f"{how} (non-contiguous) inputs ({key}{', with ties' if ties else ''}) changed the result",
+                       atol=1e-9, rtol=1e-9)
+
+    # an optional base may legitimately go unused (SLERP of two experts), a required one may not
+    where = ["expert 0"] + (["the base"] if spec.contract.base == "required" else [])
+    for who in where:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+
+            @add(f"nonfinite_input[{who}/{bad}]")
+            def _(who=who, bad=bad):
+                for key in ("matrix", "vector"):
+                    base, experts = _inputs(spec, _SHAPES[key], n)
+                    target = experts[0] if who == "expert 0" else base
+                    target.view(-1)[target.numel() // 3] = bad
+                    try:
+                        out = run_kernel(spec, base, experts, p, _CONTEXTS[key])
+                    except Exception:
+                        continue  # refusing non-finite input is fine; hiding it is not
+                    if isinstance(out, torch.Tensor) and bool(torch.isfinite(out).all()):
+                        raise CheckFailure(
+                            f"a {bad} in {who} ({key}) gave an all-finite result: non-finite inputs must reach "
+                            "the output (or make the kernel raise), never vanish silently"
+                        )
+
+    if "nonfinite_propagates" in spec.properties:
+
+        @add("nonfinite_propagates")
+        def _():
+            """The declared guarantee the engine relies on: a NaN/inf at any position of any
+            input, even one weighted 0, reaches the output (or makes the kernel raise)."""
+            targets = list(range(n)) + (["base"] if spec.contract.base == "required" else [])
+            for key in ("matrix", "vector"):
+                numel = int(torch.Size(_SHAPES[key]).numel())
+                for who in targets:
+                    weightings = [None]
+                    if spec.contract.per_expert_weights and who != "base":
+                        w = torch.ones(n)
+                        w[who] = 0.0
+                        weightings.append(w)
+                    for pos in (0, numel // 2, numel - 1):
+                        for bad in (float("nan"), float("inf")):
+                            for weights in weightings:
+                                base, experts = _inputs(spec, _SHAPES[key], n)
+                                (base if who == "base" else experts[who]).view(-1)[pos] = bad
+                                try:
+                                    out = run_kernel(spec, base, experts, p, _CONTEXTS[key], weights=weights)
+                                except Exception:
+                                    continue
+                                if bool(torch.isfinite(out).all()):
+                                    at = "weight 0" if weights is not None else "weight 1"
+                                    raise CheckFailure(
+                                        f"declares nonfinite_propagates, but a {bad} at flat index {pos} of "
+                                        f"{'the base' if who == 'base' else f'expert {who}'} ({key}, {at}) gave an "
+                                        "all-finite result"
+                                    )
 
     @add("zero_tensors_finite")
     def _():

@@ -12,12 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mergebench import runner, store
-
-
-def _collapse(params: dict) -> dict:
-    """Stored params hold per-expert lists expanded to the merge size; a constant list is the scalar given."""
-    return {k: v[0] if isinstance(v, list) and v and all(x == v[0] for x in v) else v for k, v in params.items()}
+from mergebench import report, runner, store
 
 
 def main() -> None:
@@ -37,8 +32,9 @@ def main() -> None:
                 continue  # the merged configurations' plans hold these references
             method, params, seed = "linear", {}, None
         else:
-            method, params, seed = c.method, _collapse(json.loads(c.params_json or "{}")), int(c.seed)
-            key = (c.suite, c.profile, c.pool, method, json.dumps(params, sort_keys=True), seed)
+            config = report.config_params(c.params_json)  # per-expert lists expanded to n -> as given
+            method, params, seed = c.method, json.loads(config), int(c.seed)
+            key = (c.suite, c.profile, c.pool, method, config, seed)
             if key in seen:
                 continue  # the same configuration at another merge size: its plan covered it
             seen.add(key)

@@ -28,6 +28,11 @@ def test_methods_json_lists_every_method_with_params_and_citation():
     assert listed["karcher"]["base"] == "unused"
 
 
+def test_an_unknown_method_is_one_line():
+    res = runner.invoke(app, ["methods", "nosuch"])
+    assert res.exit_code == 2 and res.output == "error: unknown merge method 'nosuch' (run `mergebench methods` to list them)\n"
+
+
 def test_methods_table_and_detail():
     res = runner.invoke(app, ["methods", "karcher"])
     assert res.exit_code == 0 and "max_iter" in res.stdout and "karcher" in res.stdout
@@ -78,6 +83,8 @@ def test_merge_from_mergekit_yaml_matches_the_same_merge_from_flags(tmp_path):
         (["--method", "slerp"], "at most 2 experts"),
         (["--method", "nope"], "unknown merge method 'nope'"),
         (["--method", "linear", "--weights", "1,x,1"], "--weights must be comma-separated numbers"),
+        (["--method", "linear", "--dtype", "float8"], "dtype: Input should be 'float32'"),  # pydantic, one line
+        (["--method", "linear", "--device", "tpu"], "unknown device 'tpu'"),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_leaves_no_output(tiny_pool, tmp_path, args, fragment):
@@ -85,7 +92,7 @@ def test_bad_input_is_a_one_line_error_and_leaves_no_output(tiny_pool, tmp_path,
     out = tmp_path / "never"
     res = runner.invoke(app, ["merge", *args, "--base", str(base), "--experts", ",".join(map(str, experts)), "--out", str(out)])
     assert res.exit_code == 2
-    assert fragment in " ".join(res.output.split()), res.output
+    assert fragment in res.output and res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
     assert "Traceback" not in res.output
     assert not out.exists() and not list(tmp_path.iterdir())
 

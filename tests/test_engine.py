@@ -22,7 +22,7 @@ from mergebench.engine import (
     resolve_model_path,
     tensor_seed,
 )
-from mergebench.methods import InputContract, MethodSpec, Param, ParameterError, register
+from mergebench.methods import InputContract, MethodSpec, Param, ParameterError, get_method, register
 from mergebench.methods import registry as _registry
 from mergebench.request import MergeRequest
 from mergebench.toy import make_tiny_pool, tiny_llama_state, write_checkpoint
@@ -572,3 +572,214 @@ def test_cuda_merge_matches_cpu_and_seeds_on_device(tiny_pool, noise_method):
     a = merge(_req("t_noise", experts=experts, device="cuda", seed=2), progress=False).state_dict
     b = merge(_req("t_noise", experts=experts, device="cuda", seed=2), progress=False).state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- robustness: weights, devices, non-finite values, disk errors -------------------------------
+
+from mergebench.engine import (  # noqa: E402
+    DeviceError,
+    NonFiniteInputError,
+    NonFiniteOutputError,
+    OutputPathError,
+    OutputWriteError,
+    all_finite,
+    resolve_device,
+)
+
+from _faults import fill_disk  # noqa: E402
+
+NAN_TENSOR = "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize(
+    "method, weights, params, fragment",
+    [
+        ("linear", [float("nan"), 1.0], {}, "weight 0 is nan"),
+        ("linear", [1.0, float("inf")], {}, "weight 1 is inf"),
+        ("linear", [1.0, -1.0], {}, "sums to zero"),
+        ("task_arithmetic", [1.0, -1.0], {"normalize": True}, "normalize=true"),
+        ("multislerp", [0.5, -0.5], {}, "normalize_weights=true"),
+        ("karcher", [1.0, -1.0], {}, "must be nonnegative"),
+        ("karcher", [0.0, 0.0], {}, "sums to zero"),
+        ("tsv_merge", [1.0, -1.0], {"fallback_mean": True}, "fallback_mean=true"),
+    ],
+)
+def test_bad_weights_fail_before_any_file_is_opened(method, weights, params, fragment):
+    nowhere = ["/nonexistent/a", "/nonexistent/b"]
+    base = "/nonexistent/base" if method in ("task_arithmetic", "tsv_merge") else None
+    with pytest.raises(ParameterError, match=fragment) as info:
+        merge(_req(method, experts=nowhere, base=base, weights=weights, params=params), progress=False)
+    assert "'weights'" in str(info.value)
+
+
+def test_zero_sum_weights_are_fine_where_nothing_divides_by_them(tiny_pool):
+    """Task arithmetic without normalize takes 1 * tau_0 - 1 * tau_1: a legitimate request."""
+    base, experts = tiny_pool
+    out = merge(_req("task_arithmetic", experts=experts[:2], base=base, weights=[1.0, -1.0]), progress=False).state_dict
+    b, e0, e1 = _state(base), _state(experts[0]), _state(experts[1])
+    k = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(out[k].double(), b[k].double() + e0[k].double() - e1[k].double(), atol=1e-6, rtol=0)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(" CPU ") == torch.device("cpu")
+    for bad in ("tpu", "gpu", "cuda:x", ""):
+        with pytest.raises(DeviceError, match=r"unknown device .*: use cpu, cuda, cuda:N or mps"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        msg = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        with pytest.raises(DeviceError, match=f"--device cuda: {msg}"):
+            resolve_device("cuda")
+        with pytest.raises(DeviceError, match="--device cuda:1"):
+            merge(_req(experts=["/nonexistent/a"], device="cuda:1"), progress=False)  # before any file
+
+
+def test_all_finite_matches_isfinite():
+    x = torch.randn(50, 7)
+    assert all_finite(x) and all_finite(torch.zeros(0)) and all_finite(torch.arange(5))
+    big = torch.tensor([3e38, -3e38, 3e38])  # a sum would overflow; min/max cannot
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[31, 2] = bad
+        assert not all_finite(y) and not all_finite(y.to(torch.bfloat16)) and not all_finite(y.T)
+
+
+@pytest.fixture(scope="module")
+def nan_pool(tmp_path_factory):
+    """Base + 2 experts; expert 1 has one NaN in row 40 of NAN_TENSOR, written in 2 shards."""
+    root = tmp_path_factory.mktemp("nan_pool")
+    base, experts = make_tiny_pool(root, 2)
+    state = _state(experts[1])
+    state[NAN_TENSOR][40, 3] = float("nan")
+    _, cfg = tiny_llama_state(0)
+    bad = write_checkpoint(root / "nan_expert", state, cfg, max_shard_bytes=40_000, tokenizer=False)
+    return base, experts[0], bad
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 4096])  # whole tensors, or row chunks (rows 40.. in a later chunk)
+def test_nonfinite_input_names_checkpoint_file_and_tensor(nan_pool, chunk_bytes):
+    base, good, bad = nan_pool
+    kw = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
+    shard = next(f.name for f in sorted(bad.glob("model-*.safetensors")) if NAN_TENSOR in load_file(f))
+    with pytest.raises(NonFiniteInputError) as info:
+        merge(_req("linear", experts=[good, bad]), progress=False, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg and f"expert 1 ({bad / shard})" in msg and repr(NAN_TENSOR) in msg
+    assert "1 NaN and 0 inf value(s), the first at index (40, 3)" in msg and "--allow-nonfinite" in msg
+
+
+def test_nonfinite_inputs_are_caught_by_the_prepass_and_checked_once(nan_pool, monkeypatch):
+    """Methods with a prepass read every tensor twice: the first read already stops the merge,
+    and a tensor the prepass checked is not checked again."""
+    import importlib
+
+    merge_module = importlib.import_module("mergebench.engine.merge")  # the package exports a function of that name
+    base, good, bad = nan_pool
+    seen = []
+
+    def counting(t):
+        seen.append(t.shape)
+        return all_finite(t)
+
+    monkeypatch.setattr(merge_module, "all_finite", counting)
+    with pytest.raises(NonFiniteInputError, match=r"expert 1 \(.*nan_expert"):
+        merge(_req("layer_adaptive_slerp", experts=[good, bad]), progress=False)
+    seen.clear()
+    result = merge(_req("layer_adaptive_slerp", experts=[good, base]), progress=False)
+    floating = sum(1 for t in result.state_dict.values() if t.is_floating_point())
+    assert len(seen) == 3 * floating  # 2 inputs in the prepass + 1 output per tensor, no second input check
+    assert result.timings["check_s"] >= 0
+
+
+@pytest.mark.parametrize("method", ["linear", "karcher", "ties", "multislerp", "arcee_fusion", "tsv_merge"])
+def test_allow_nonfinite_keeps_them_nonfinite(nan_pool, method):
+    """allow_nonfinite passes NaN through, and no method turns it into finite values (karcher
+    used to return zeros). SVD methods that cannot take NaN fail with one clear line."""
+    base, good, bad = nan_pool
+    experts = [bad] if method == "arcee_fusion" else [good, bad]
+    req = _req(method, experts=experts, base=base, allow_nonfinite=True)
+    if method == "tsv_merge":
+        with pytest.raises(NonFiniteInputError, match=f"cannot merge tensor '{NAN_TENSOR}', whose inputs hold NaN/inf"):
+            merge(req, progress=False)
+        return
+    result = merge(req, progress=False)
+    out = result.state_dict
+    assert not torch.isfinite(out[NAN_TENSOR]).all()
+    assert all(torch.isfinite(t).all() for k, t in out.items() if k != NAN_TENSOR and t.is_floating_point())
+    assert any(NAN_TENSOR in n and "allow_nonfinite" in n for n in result.notes)
+
+
+def test_methods_without_the_property_get_every_input_scanned(nan_pool, temp_method):
+    """A kernel that hides NaN (and does not declare nonfinite_propagates) cannot hide it from
+    the engine: its inputs are scanned as they are read."""
+    base, good, bad = nan_pool
+    kernel = lambda b, e, w, p, c: torch.stack([x.nan_to_num() for x in e]).mean(0)  # noqa: E731
+    temp_method("t_hider", kernel, contract=InputContract(base="unused"))
+    with pytest.raises(NonFiniteInputError, match=rf"expert 1 \(.*nan_expert.*{NAN_TENSOR}"):
+        merge(_req("t_hider", experts=[good, bad]), progress=False)
+    assert "nonfinite_propagates" in get_method("linear").properties  # built-ins are checked through the output
+
+
+def test_nonfinite_output_from_finite_inputs_names_method_and_tensor(tiny_pool, temp_method):
+    def kernel(base, experts, weights, params, ctx):
+        out = experts[0].clone()
+        if ctx.name == NAN_TENSOR:
+            out[0, 0] = float("nan")
+        return out
+
+    temp_method("t_nan_maker", kernel, contract=InputContract(base="unused"))
+    with pytest.raises(NonFiniteOutputError) as info:
+        merge(_req("t_nan_maker", experts=tiny_pool[1]), progress=False)
+    assert str(info.value) == (
+        f"method 't_nan_maker' produced 1 NaN and 0 inf value(s), the first at index (0, 0) for tensor "
+        f"'{NAN_TENSOR}' from finite inputs"
+    )
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+
+
+@pytest.mark.parametrize("budget", [0, 10_000, 10**9])  # the header, a later tensor, only the final flush
+def test_disk_full_cleans_up_and_is_one_line(tiny_pool, tmp_path, monkeypatch, budget):
+    fill_disk(monkeypatch, budget)
+    out = tmp_path / "out"
+    with pytest.raises(OutputWriteError) as info:
+        merge(_req(experts=tiny_pool[1]), out, progress=False)
+    msg = str(info.value)
+    assert msg.startswith(f"disk full while writing {out}: No space left on device") and "\n" not in msg
+    assert info.value.errno == 28 and isinstance(info.value, OSError)
+    assert list(tmp_path.iterdir()) == []  # neither the destination nor the temporary folder
+
+
+def test_overwrite_keeps_the_old_output_when_the_new_one_fails(tiny_pool, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    merge(_req(experts=tiny_pool[1]), out, progress=False)
+    before = _state(out)
+    fill_disk(monkeypatch, 10_000)
+    with pytest.raises(OutputWriteError):
+        merge(_req(experts=tiny_pool[1][:2]), out, progress=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    after = _state(out)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+
+
+def test_output_under_a_file_is_refused_before_merging(tiny_pool, tmp_path, spy):
+    calls, _ = spy
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputPathError, match=r"lies under .*/f, which is a file, not a folder"):
+        merge(_req("t_spy", experts=tiny_pool[1]), tmp_path / "f" / "a" / "out", progress=False)
+    with pytest.raises(OutputPathError, match="exists and is not a folder"):
+        merge(_req("t_spy", experts=tiny_pool[1]), tmp_path / "f", progress=False)
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_unreadable_or_corrupt_inputs_are_checkpoint_errors(tiny_pool, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_pool[1][0], bad)
+    (bad / "config.json").write_text("[1, 2")
+    with pytest.raises(CheckpointError, match=r"bad/config.json: corrupt config.json"):
+        merge(_req(experts=[bad]), progress=False)
+    (bad / "config.json").unlink()
+    (bad / "model.safetensors").unlink()
+    (bad / "model.safetensors").mkdir()  # a folder where the file should be
+    with pytest.raises(CheckpointError, match="expert 0: cannot read .*model.safetensors"):
+        merge(_req(experts=[bad]), progress=False)

@@ -161,16 +161,23 @@ def test_unknown_suite_falls_back_to_acc(tmp_path):
     assert s["score"].iloc[0] == pytest.approx(0.3) and s["n_tasks"].iloc[0] == 2
 
 
-def test_pareto_front_is_the_non_dominated_set():
+@pytest.mark.parametrize("cost", ["merge_wall_s", "eval_wall_s", "unit_cost_s"])
+def test_pareto_front_is_the_non_dominated_set(cost):
     rng = np.random.default_rng(3)
     d = pd.DataFrame({"source": "run", "method": [f"m{i}" for i in range(30)], "score": rng.random(30),
-                      "merge_wall_s": rng.random(30) * 10, "merge_peak_gib": 1.0})
-    got = report.pareto(d).set_index("method")["pareto"]
+                      "merge_wall_s": rng.random(30) * 10, "eval_wall_s": rng.random(30) * 60, "merge_peak_gib": 1.0})
+    d.loc[0, "score"] = np.nan  # a NaN score is never optimal (nor shown)
+    got = report.pareto(d, cost).set_index("method")["pareto"]
+    d = d.dropna(subset=["score"])
+    c = d[cost] if cost in d else d["merge_wall_s"] + d["eval_wall_s"]
+    assert "m0" not in got.index and len(got) == len(d)
     for i, row in d.iterrows():
         others = d.drop(index=i)
-        dom = ((others.score >= row.score) & (others.merge_wall_s <= row.merge_wall_s)
-               & ((others.score > row.score) | (others.merge_wall_s < row.merge_wall_s))).any()
+        oc = c.drop(index=i)
+        dom = ((others.score >= row.score) & (oc <= c[i]) & ((others.score > row.score) | (oc < c[i]))).any()
         assert got[row.method] == (not dom)
+    with pytest.raises(ValueError, match="cost must be one of"):
+        report.pareto(d, "wall")
 
 
 def test_reproduce_command_quotes_values():

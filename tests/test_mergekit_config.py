@@ -132,7 +132,7 @@ def test_method_names_and_rescale_flag(models, mk_method, rescale, expected_meth
 
 
 @pytest.mark.parametrize("order", ["base_first", "base_second", "base_not_listed"])
-def test_slerp_base_becomes_first_expert(models, order):
+def test_slerp_base_and_one_model(models, order):
     listed = {
         "base_first": "[{model: base}, {model: a}]",
         "base_second": "[{model: a}, {model: base}]",
@@ -149,7 +149,8 @@ def test_slerp_base_becomes_first_expert(models, order):
     )
     d = str(models)
     assert req.method == "slerp"
-    assert req.experts == [f"{d}/base", f"{d}/a"]  # t=0 -> base, t=1 -> the other, as in mergekit
+    # t=0 -> base, t=1 -> the other, as in mergekit (mergebench's slerp takes a base + one expert)
+    assert req.base == f"{d}/base" and req.experts == [f"{d}/a"]
     assert req.params == {"t": 0.3}
     assert req.weights is None
 
@@ -341,6 +342,12 @@ def test_differing_values_for_a_shared_parameter(models):
             "parameters.t",
             "layer_adaptive_slerp",
         ),
+        (
+            "merge_method: slerp\nbase_model: base\nmodels: [{model: base, parameters: {t: 0.2}}, {model: a}]\n",
+            "models[0].parameters.t",
+            "no per-model parameters for the base_model",
+        ),
+        ("merge_method: slerp\nmodels: [{model: a}]\nparameters: {t: 0.5}\n", "models", "needs 2 models"),
         ("merge_method: ties\nmodels: [{model: a}]\n", "base_model", "needs a base_model"),
         ("merge_method: ties\nbase_model: base\nmodels: [{model: base}]\n", "models", "only the base"),
         ("merge_method: arcee_fusion\nbase_model: base\nmodels: [{model: a}, {model: b}]\n", "models", "got 2"),

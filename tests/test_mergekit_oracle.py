@@ -166,9 +166,10 @@ EXACT = [
     ("sce", "sce", dict(base="base"), "sce", ALL, "base", {}, 1e-6),
     ("sce select_topk 0.5", "sce", dict(base="base", params={"select_topk": 0.5}), "sce", ALL, "base",
      {"select_topk": 0.5}, 1e-6),
-    ("model_stock", "model_stock", dict(base="base"), "model_stock", ALL, "base", {}, 1e-6),
-    ("model_stock filter_wise", "model_stock", dict(base="base", params={"filter_wise": True}), "model_stock", ALL,
-     "base", {"filter_wise": True}, 1e-6),
+    ("model_stock mean_cosine", "model_stock", dict(base="base", params={"theta": "mean_cosine"}), "model_stock",
+     ALL, "base", {}, 1e-6),
+    ("model_stock filter_wise mean_cosine", "model_stock", dict(base="base", params={"filter_wise": True,
+     "theta": "mean_cosine"}), "model_stock", ALL, "base", {"filter_wise": True}, 1e-6),
     ("multislerp with base", "multislerp", dict(base="base", weights=W), "multislerp", ALL, "base",
      {"weight": WMAP}, 1e-6),
     ("multislerp without base", "multislerp", dict(weights=W), "multislerp", IDS, None, {"weight": W}, 1e-6),
@@ -307,6 +308,86 @@ def test_rng_sources(pool):
     assert max_err(x, x2) == 0 and max_err(x, y) > 0
 
 
+def test_della_ranks_along_different_axes_on_3d_tensors(monkeypatch):
+    """DELLA's magnitude ranks: mergekit ranks along dim 1 (per (i, :, k) fibre of a 3-D
+    tensor); mergebench within each first-axis slice (all other axes flattened). Identical
+    for 1-D and 2-D tensors (every LLM weight), different for 3-D ones (documented)."""
+    from baselines._sparsify import della_keep_probs
+
+    seen = []
+
+    class CaptureBernoulli(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def bernoulli(p):
+            seen.append(p.clone())
+            return torch.ones_like(p)
+
+    monkeypatch.setattr(mk_sparsify, "torch", CaptureBernoulli("torch_capture"))
+    g = torch.Generator().manual_seed(3)
+    for shape in [(7,), (5, 9), (3, 4, 6)]:
+        seen.clear()
+        delta = torch.randn(shape, generator=g)
+        mk_sparsify.della_magprune(delta, 0.5, 0.2)
+        theirs = seen[0].reshape(shape).double()
+        ours = della_keep_probs(delta, 0.5, 0.2).reshape(shape).double()
+        err = float((ours - theirs).abs().max())
+        if len(shape) < 3:
+            assert err <= 1e-6, shape
+        else:
+            assert record("della keep probabilities on a 3-D tensor (documented difference)", err) > 1e-2
+
+
+def test_sce_small_task_vectors_get_uniform_weights_in_mergekit():
+    """mergekit's SCE switches to uniform weights when sum_i mean(delta_i^2) < 1e-6 (task
+    vectors of entries ~1e-4, common for real fine-tunes); mergebench always weights by the
+    squared norms (uniform only when all are zero). Both equal a float64 formula."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    experts = [base + s * 1e-4 * torch.randn(8, 8, generator=g, dtype=torch.float64) for s in (1.0, 3.0)]
+    d = torch.stack([e - base for e in experts])
+    assert float(d.square().reshape(2, -1).mean(1).sum()) < 1e-6
+    sign = torch.where(d.sum(0) >= 0, 1.0, -1.0).double()
+    agree = (d * sign > 0).double()
+
+    def ref(eta):
+        w = torch.tensor(eta, dtype=torch.float64).reshape(2, 1, 1) * agree
+        return base + (d * w).sum(0) / w.sum(0).clamp_min(1e-300) * (w.sum(0) > 0)
+
+    sq = d.square().reshape(2, -1).sum(1)
+    theirs = mm.merge_tensors([base, *experts], "sce", base_index=0)
+    torch.testing.assert_close(theirs, ref([0.5, 0.5]), atol=1e-12, rtol=1e-9)
+    from mergebench.methods import TensorContext, get_method
+
+    spec = get_method("sce")
+    ours = spec(base, experts, torch.ones(2), spec.validate_params({}, 2), TensorContext(name="model.layers.0.mlp.up_proj.weight"))
+    torch.testing.assert_close(ours, ref((sq / sq.sum()).tolist()), atol=1e-12, rtol=1e-9)
+    assert record("sce, task vectors ~1e-4 (documented difference)", float((ours - theirs).abs().max())) > 1e-6
+
+
+def test_karcher_drops_near_zero_norm_inputs_in_mergekit_only():
+    """mergekit leaves inputs with norm <= tol (1e-5) out of the direction mean (they still
+    count in the mean norm); mergebench leaves out only exact zeros."""
+    from mergebench.methods import TensorContext, get_method
+
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    tiny = 1e-7 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    theirs = mm.merge_tensors([a, b, tiny], "karcher")
+    spec = get_method("karcher")
+    ctx = TensorContext(name="model.layers.0.mlp.up_proj.weight")
+    params = spec.validate_params({}, 3)
+    ours = spec(None, [a, b, tiny], torch.ones(3, dtype=torch.float64), params, ctx)
+    # mergekit's direction is the Karcher mean of a and b alone (their SLERP midpoint direction)
+    two = spec(None, [a, b], torch.ones(2, dtype=torch.float64), params, ctx)
+    cos = float((theirs.reshape(-1) @ two.reshape(-1)) / (theirs.norm() * two.norm()))
+    assert cos == pytest.approx(1.0, abs=1e-6)
+    assert float(theirs.norm()) == pytest.approx(float((a.norm() + b.norm() + tiny.norm()) / 3), rel=1e-6)
+    assert record("karcher with a 1e-7-norm input (documented difference)", float((ours - theirs).abs().max())) > 1e-2
+
+
 # -- TIES details ----------------------------------------------------------------------------
 
 
@@ -438,12 +519,14 @@ def _cos(a, b):
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def test_slerp_matches_when_norms_are_equal(equal_norm_pair):
+@pytest.mark.parametrize("norm", ["raw", "interpolate"])
+def test_slerp_matches_when_norms_are_equal(equal_norm_pair, norm):
     """One angle per whole tensor in both (not per row: the rows' norms differ here), t=0
-    at the base. mergekit switches to plain lerp when |cos| > 0.9995; mergebench keeps
-    the spherical formula, which differs from lerp by O(t(1-t) omega^2)."""
+    at the base. With equal norms both of mergebench's norm rules are mergekit's formula.
+    mergekit switches to plain lerp when |cos| > 0.9995; mergebench keeps the spherical
+    formula, which differs from lerp by O(t(1-t) omega^2)."""
     pool, t = equal_norm_pair, 0.3
-    ours = run_mb(pool, "slerp", ["base", "e0_scaled"], params={"t": t})
+    ours = run_mb(pool, "slerp", ["e0_scaled"], base="base", params={"t": t, "norm": norm})
     theirs = run_mk(pool, "slerp", ["base", "e0_scaled"], "base", {"t": t})
     spherical = lerped = 0.0
     for name in ours:
@@ -457,18 +540,22 @@ def test_slerp_matches_when_norms_are_equal(equal_norm_pair):
             lerped = max(lerped, err)
         else:
             spherical = max(spherical, err)
-    assert record("slerp, equal norms, spherical branch", spherical) <= 1e-6
-    record("slerp, equal norms, tensors where mergekit falls back to lerp", lerped)
+    assert record(f"slerp {norm}, equal norms, spherical branch", spherical) <= 1e-6
+    record(f"slerp {norm}, equal norms, tensors where mergekit falls back to lerp", lerped)
 
 
-def test_slerp_interpolates_norms_where_mergekit_does_not(pool):
-    """Unequal norms: mergekit applies sin((1-t)w)/sin w, sin(tw)/sin w to the raw tensors;
-    mergebench to the unit directions and rescales by (1-t)||a|| + t||b||."""
+def test_slerp_raw_is_mergekits_formula_and_interpolate_differs(pool):
+    """Unequal norms. Both tools apply sin((1-t)w)/sin w and sin(tw)/sin w to the raw
+    tensors by default (the layer-adaptive SLERP paper's Alg. 1 line 4), given as base + one
+    model or as two experts; ``norm="interpolate"`` applies them to the unit directions and
+    rescales by (1-t)||a|| + t||b|| (documented difference)."""
     t = 0.3
-    ours = run_mb(pool, "slerp", ["base", "e0"], params={"t": t})
     theirs = run_mk(pool, "slerp", ["base", "e0"], "base", {"t": t})
-    worst = 0.0
-    for name in ours:
+    raw = run_mb(pool, "slerp", ["e0"], base="base", params={"t": t})
+    assert max_err(raw, run_mb(pool, "slerp", ["base", "e0"], params={"t": t})) == 0.0
+    interp = run_mb(pool, "slerp", ["base", "e0"], params={"t": t, "norm": "interpolate"})
+    spherical = worst = 0.0
+    for name in raw:
         a, b = pool.sd["base"][name].double(), pool.sd["e0"][name].double()
         c = _cos(a, b)
         if abs(c) > 0.9995:
@@ -476,11 +563,58 @@ def test_slerp_interpolates_norms_where_mergekit_does_not(pool):
         w = math.acos(c)
         ca, cb = math.sin((1 - t) * w) / math.sin(w), math.sin(t * w) / math.sin(w)
         torch.testing.assert_close(theirs[name].double(), ca * a + cb * b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(raw[name].double(), ca * a + cb * b, atol=1e-6, rtol=1e-5)
+        spherical = max(spherical, float((raw[name] - theirs[name]).abs().max()))
         na, nb = float(a.norm()), float(b.norm())
         ref = (ca * a / na + cb * b / nb) * ((1 - t) * na + t * nb)
+        torch.testing.assert_close(interp[name].double(), ref, atol=1e-6, rtol=1e-5)
+        worst = max(worst, float((interp[name].double() - theirs[name].double()).abs().max()))
+    assert record("slerp raw (default), unequal norms, spherical branch", spherical) <= 1e-6
+    assert record("slerp interpolate, unequal norms (documented difference)", worst) > 1e-4
+
+
+def test_slerp_of_an_all_zero_tensor_differs():
+    """mergekit takes the angle to a zero tensor as pi/2 and returns sin(t pi/2) b; mergebench
+    has no angle there and returns the linear interpolation t b (documented difference)."""
+    from mergebench.methods import TensorContext, get_method
+    from mergebench.testing import run_kernel
+
+    spec = get_method("slerp")
+    b = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
+    z = torch.zeros_like(b)
+    t = 0.3
+    theirs = mm.merge_tensors([z, b], "slerp", base_index=0, parameters={"t": t})
+    torch.testing.assert_close(theirs, math.sin(t * math.pi / 2) * b)
+    ours = run_kernel(spec, z, [b], spec.validate_params({"t": t}), TensorContext(name="model.norm.weight"))
+    torch.testing.assert_close(ours, t * b)
+    record("slerp of an all-zero base tensor (documented difference)", float((ours - theirs).abs().max()))
+
+
+def test_model_stock_mean_angle_differs_from_mergekits_mean_cosine(pool, tmp_path):
+    """The in-the-wild study's eq. 4 takes the mean pairwise ANGLE (mergebench's default);
+    mergekit averages the cosines. Equal for two experts, different for three (asserted
+    against an independent float64 eq. 4), also through the YAML pipeline."""
+    theirs = run_mk(pool, "model_stock", ALL, "base", {})
+    ours = run_mb(pool, "model_stock", IDS, base="base")
+    assert record("model_stock mean angle (default) vs mergekit, N=3 (documented difference)", max_err(ours, theirs)) > 1e-6
+    two_mk = run_mk(pool, "model_stock", ["base", "e0", "e1"], "base", {})
+    assert record("model_stock N=2 (both rules agree)", max_err(run_mb(pool, "model_stock", ["e0", "e1"], base="base"), two_mk)) <= 1e-6
+    for name in ours:
+        b = pool.sd["base"][name].double().reshape(-1)
+        d = [pool.sd[k][name].double().reshape(-1) - b for k in IDS]
+        angles = [math.acos(max(-1.0, min(1.0, float(d[i] @ d[j] / (d[i].norm() * d[j].norm())))))
+                  for i in range(3) for j in range(i + 1, 3)]
+        c = math.cos(sum(angles) / 3)
+        t = 3 * c / (1 + 2 * c)
+        ref = (b + t * sum(d) / 3).reshape(ours[name].shape)
         torch.testing.assert_close(ours[name].double(), ref, atol=1e-6, rtol=1e-5)
-        worst = max(worst, float((ours[name].double() - theirs[name].double()).abs().max()))
-    assert record("slerp, unequal norms (documented difference)", worst) > 1e-4
+    yaml_text = """
+        merge_method: model_stock
+        base_model: {base}
+        models: [{{model: {e0}}}, {{model: {e1}}}, {{model: {e2}}}]
+        """
+    _, ours_yaml, theirs_yaml = _run_yaml(pool, tmp_path, yaml_text)
+    assert max_err(ours_yaml, ours) <= 1e-6 and max_err(ours_yaml, theirs_yaml) > 1e-6
 
 
 # -- Arcee Fusion ------------------------------------------------------------------------------
@@ -620,10 +754,11 @@ YAMLS = {
         parameters: {{density: 0.6, normalize: true, lambda: 0.9, int8_mask: true}}
         dtype: float32
         """,
-    "model_stock": """
+    "model_stock (mean_cosine)": """
         merge_method: model_stock
         base_model: {base}
         models: [{{model: {e0}}}, {{model: {e1}}}, {{model: {e2}}}]
+        parameters: {{theta: mean_cosine}}
         """,
     "multislerp": """
         merge_method: multislerp

@@ -1,4 +1,4 @@
-"""Model Stock (seed 001 eq. 4) and Arcee Fusion: formulas, hand-computed cases, edge cases.
+"""Model Stock (the in-the-wild merging study, eq. 4) and Arcee Fusion: formulas, hand-computed cases, edge cases.
 
 References are written in float64 from the formulas (and, for Arcee Fusion, from the
 blog's three-step description), not by calling the kernels under test.
@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import baselines.arcee_fusion as arcee_module
 import baselines.model_stock as ms_module
 from mergebench.methods import ModuleKind, TensorContext, get_method
 from mergebench.testing import method_checks, run_kernel
@@ -21,7 +22,13 @@ CTX = TensorContext(name="model.layers.0.mlp.down_proj.weight", layer=0, num_lay
 NOW = {"filter_wise": False}
 FW = {"filter_wise": True}
 
-CHECKS = [c for spec, p in [(MS, None), (MS, FW), (AF, None), (AF, {"tukey_k": 0.0})] for c in method_checks(spec, p)]
+MC = {"filter_wise": False, "theta": "mean_cosine"}  # mergekit's rule
+
+CHECKS = [
+    c
+    for spec, p in [(MS, None), (MS, FW), (MS, MC), (AF, None), (AF, {"tukey_k": 0.0})]
+    for c in method_checks(spec, p)
+]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[f"{i}-{c.name}" for i, c in enumerate(CHECKS)])
@@ -42,8 +49,10 @@ def close(a, b, atol=1e-12, rtol=1e-10):
 # ------------------------------------------------------------------ Model Stock
 
 
-def ref_model_stock(base, experts, filter_wise=False):
-    """Seed 001 eq. 4: t = N cos / (1 + (N-1) cos), W = t W_avg + (1 - t) W_0."""
+def ref_model_stock(base, experts, filter_wise=False, theta="mean_angle"):
+    """Eq. 4 of the in-the-wild study: t = N cos(theta) / (1 + (N-1) cos(theta)),
+    W = t W_avg + (1 - t) W_0, theta the mean pairwise angle of the task vectors
+    (``mean_cosine``: cos(theta) replaced by the mean pairwise cosine, as mergekit does)."""
     n = len(experts)
     b = base.double()
     rows = b.reshape(-1, b.shape[-1]) if filter_wise else b.reshape(1, -1)
@@ -55,7 +64,10 @@ def ref_model_stock(base, experts, filter_wise=False):
             (deltas[i] @ deltas[j] / (deltas[i].norm() * deltas[j].norm())).item()
             for i in range(n) for j in range(i + 1, n)
         ]
-        c = sum(cos) / len(cos)
+        if theta == "mean_angle":
+            c = math.cos(sum(math.acos(max(-1.0, min(1.0, x))) for x in cos) / len(cos))
+        else:
+            c = sum(cos) / len(cos)
         t = n * c / (1 + (n - 1) * c)
         avg = sum(e[r] for e in ex) / n
         out[r] = t * avg + (1 - t) * rows[r]
@@ -63,18 +75,28 @@ def ref_model_stock(base, experts, filter_wise=False):
 
 
 def test_model_stock_hand_computed_t():
-    """Task vectors e1, e2 and (e1 + e2)/sqrt2: cosines 0, 1/sqrt2, 1/sqrt2, mean sqrt2/3,
-    so t = sqrt2 / (1 + 2 sqrt2 / 3) = 3 sqrt2 / (3 + 2 sqrt2) ~= 0.727922."""
+    """Task vectors e1, e2 and (e1 + e2)/sqrt2: pairwise angles 90, 45 and 45 degrees.
+
+    Paper (mean angle 60 degrees): cos(theta) = 1/2, t = 3/2 / (1 + 1) = 3/4.
+    mergekit (mean cosine (0 + 2/sqrt2) / 3 = sqrt2/3): t = 3 sqrt2 / (3 + 2 sqrt2) ~= 0.727922."""
     base = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     f64 = dict(dtype=torch.float64)
     deltas = [torch.tensor(v, **f64) for v in ([1.0, 0, 0], [0, 1.0, 0], [1 / math.sqrt(2), 1 / math.sqrt(2), 0])]
     experts = [base + d for d in deltas]
-    t = 3 * math.sqrt(2) / (3 + 2 * math.sqrt(2))
-    assert t == pytest.approx(0.7279220613578554)
+    t_cos = 3 * math.sqrt(2) / (3 + 2 * math.sqrt(2))
+    assert t_cos == pytest.approx(0.7279220613578554)
     avg_delta = sum(deltas) / 3
-    for p in (NOW, FW):  # a 1-D tensor is one row either way
-        close(run_kernel(MS, base, experts, p, CTX), base + t * avg_delta)
-    assert ms_module.model_stock_t(torch.tensor(math.sqrt(2) / 3, dtype=torch.float64), 3).item() == pytest.approx(t)
+    for fw in (False, True):  # a 1-D tensor is one row either way
+        close(run_kernel(MS, base, experts, {"filter_wise": fw, "theta": "mean_angle"}, CTX), base + 0.75 * avg_delta)
+        close(run_kernel(MS, base, experts, {"filter_wise": fw, "theta": "mean_cosine"}, CTX), base + t_cos * avg_delta)
+    assert MS.validate_params()["theta"] == "mean_angle"  # the paper's rule is the default
+    assert ms_module.model_stock_t(torch.tensor(math.sqrt(2) / 3, dtype=torch.float64), 3).item() == pytest.approx(t_cos)
+
+
+def test_model_stock_two_experts_both_rules_agree():
+    base = rand((7, 5), 16)
+    experts = [base + rand((7, 5), 17 + i) + 0.5 * rand((7, 5), 30) for i in range(2)]
+    close(run_kernel(MS, base, experts, NOW, CTX), run_kernel(MS, base, experts, MC, CTX))
 
 
 @pytest.mark.parametrize("n", [2, 3, 5])
@@ -95,17 +117,21 @@ def test_model_stock_orthogonal_task_vectors_keep_base():
     close(run_kernel(MS, base, [base + d1, base + d2], NOW, CTX), base)
 
 
+@pytest.mark.parametrize("theta", ["mean_angle", "mean_cosine"])
 @pytest.mark.parametrize("p", [NOW, FW], ids=["layerwise", "filterwise"])
 @pytest.mark.parametrize("shape", [(12, 9), (9,), (2, 3, 5)])
-def test_model_stock_matches_reference(p, shape):
+def test_model_stock_matches_reference(p, shape, theta):
     base = rand(shape, 4)
     common = 0.3 * rand(shape, 5)  # shared component: positive cosines, 0 < t < 1
     experts = [base + common + 0.2 * rand(shape, 6 + i) for i in range(4)]
-    ref = ref_model_stock(base, experts, p["filter_wise"])
-    close(run_kernel(MS, base, experts, p, CTX), ref)
-    out32 = run_kernel(MS, base.float(), [e.float() for e in experts], p, CTX)
+    ref = ref_model_stock(base, experts, p["filter_wise"], theta)
+    params = {**p, "theta": theta}
+    close(run_kernel(MS, base, experts, params, CTX), ref)
+    out32 = run_kernel(MS, base.float(), [e.float() for e in experts], params, CTX)
     assert out32.dtype == torch.float32
     close(out32, ref, atol=1e-5, rtol=1e-5)
+    other = ref_model_stock(base, experts, p["filter_wise"], ({"mean_angle", "mean_cosine"} - {theta}).pop())
+    assert (other - ref).abs().max().item() > 1e-4  # N = 4: the two rules really differ here
 
 
 def test_model_stock_filter_wise_differs_per_row():
@@ -127,8 +153,9 @@ def test_model_stock_streams_in_blocks(monkeypatch):
     monkeypatch.setattr(ms_module, "_CHUNK", 7)
     base = rand((5, 6), 10)
     experts = [base + 0.1 * rand((5, 6), 11) + 0.2 * rand((5, 6), 12 + i) for i in range(3)]
-    for p in (NOW, FW):
-        close(run_kernel(MS, base, experts, p, CTX), ref_model_stock(base, experts, p["filter_wise"]))
+    for p in (NOW, FW, MC):
+        ref = ref_model_stock(base, experts, p["filter_wise"], p.get("theta", "mean_angle"))
+        close(run_kernel(MS, base, experts, p, CTX), ref)
 
 
 def test_model_stock_degenerate_cases():
@@ -204,13 +231,52 @@ def test_arcee_fusion_selects_expert_values_exactly():
     assert 0 < taken.sum() < 64
 
 
-def test_arcee_fusion_degenerate_cases():
-    base = rand((4, 6), 32)
+def _ulp_noise(x, seed):
+    """``x`` with about half its elements moved by one ulp (up or down): what a different
+    vector unit or summation order does to a float computation."""
+    g = torch.Generator().manual_seed(seed)
+    step = torch.randint(-1, 2, x.shape, generator=g)
+    up, down = torch.nextafter(x, torch.full_like(x, math.inf)), torch.nextafter(x, torch.full_like(x, -math.inf))
+    return torch.where(step > 0, up, torch.where(step < 0, down, x))
+
+
+@pytest.mark.parametrize("perturb", [False, True], ids=["exact", "1ulp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_arcee_fusion_degenerate_cases(dtype, perturb):
+    base = rand((4, 6), 32, dtype)
     close(run_kernel(AF, base, [base.clone()], AF.validate_params(), CTX), base)
     # a constant shift per row is invisible to softmax: KL = 0, importance 0, threshold 0,
-    # every element is taken (mergekit's >= rule)
-    shifted = base + torch.arange(4, dtype=torch.float64).unsqueeze(-1)
-    close(run_kernel(AF, base, [shifted], AF.validate_params(), CTX), shifted)
+    # every element is taken (mergekit's >= rule). In float32 that KL comes out ~1e-8 rather
+    # than 0 on some CPUs; the rule must not depend on it, nor on 1-ulp noise in the inputs.
+    shifted = base + torch.arange(4, dtype=dtype).unsqueeze(-1)
+    if perturb:
+        shifted = _ulp_noise(shifted, 33)
+        assert not torch.equal(shifted - base, (shifted - base)[:, :1].expand_as(base))  # no longer constant
+    assert torch.equal(run_kernel(AF, base, [shifted], AF.validate_params(), CTX), shifted)
+    assert torch.equal(arcee_module.row_kl(shifted, base), torch.zeros(4, 1, dtype=torch.float64))
+
+
+def test_arcee_fusion_kl_tolerance_keeps_real_changes():
+    """The zero tolerance is rounding noise only: a change of relative size 1e-4 (KL ~5e-9)
+    stays nonzero, in float32 inputs too, and its float64 value matches a direct formula."""
+    base = rand((8, 64), 34)
+    expert = base + 1e-4 * rand((8, 64), 35)
+    p, q = torch.softmax(expert, -1), torch.softmax(base, -1)
+    ref = (p * (p.log() - q.log())).sum(-1, keepdim=True)
+    assert ref.min().item() > 1e-10
+    close(arcee_module.row_kl(expert, base), ref, atol=1e-18, rtol=1e-6)
+    kl32 = arcee_module.row_kl(expert.float(), base.float())
+    assert (kl32 > 0).all() and kl32.dtype == torch.float64
+
+
+@pytest.mark.parametrize("where", ["expert", "base"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_arcee_fusion_nonfinite_input_reaches_the_output(bad, where):
+    base, expert = rand((6, 8), 36), rand((6, 8), 37)
+    (expert if where == "expert" else base)[2, 3] = bad
+    out = run_kernel(AF, base, [expert], AF.validate_params(), CTX)
+    assert not torch.isfinite(out[2, 3])
+    assert torch.isfinite(out[torch.arange(6) != 2]).all()  # other rows are merged as usual
 
 
 def test_arcee_fusion_contract():
@@ -228,6 +294,8 @@ def test_against_mergekit():
     experts = [base + 0.05 * rand((20, 16), 41 + i, torch.float32) + 0.02 * i * base for i in range(3)]
     for fw in (False, True):
         mk = api.merge_tensors([base, *experts], "model_stock", base_index=0, parameters={"filter_wise": fw})
-        close(run_kernel(MS, base, experts, {"filter_wise": fw}, CTX), mk, atol=1e-6, rtol=1e-5)
+        close(run_kernel(MS, base, experts, {"filter_wise": fw, "theta": "mean_cosine"}, CTX), mk, atol=1e-6, rtol=1e-5)
+        paper = run_kernel(MS, base, experts, {"filter_wise": fw, "theta": "mean_angle"}, CTX)
+        assert (paper - mk).abs().max().item() > 1e-6  # N = 3: mean angle != mean cosine
     mk = api.merge_tensors([base, experts[0]], "arcee_fusion", base_index=0)
     assert torch.equal(run_kernel(AF, base, [experts[0]], AF.validate_params(), CTX), mk)

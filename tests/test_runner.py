@@ -148,3 +148,26 @@ def test_progress_bar_run_hides_lm_eval_bars(tiny_suites, tmp_path, capfd):
     run_eval(plan_eval("ties", "tiny", log=lambda m: None), tmp_path / "quiet_off", progress=False,
              log=lambda m: None)
     assert "Running loglikelihood requests" in "".join(capfd.readouterr())  # the bars are lm-eval's own
+
+
+def test_units_record_scoring_cost_and_log_progress_with_an_eta(tiny_suites, tmp_path):
+    """Every unit's provenance says how it was scored and what it cost; each finished unit logs one
+    line with the run's ETA (also when the output is a log file, not a terminal)."""
+    results = tmp_path / "results"
+    plan = plan_eval("linear", "tiny", log=lambda m: None)
+    lines = []
+    run_eval(plan, results, progress=False, log=lines.append, threads=1)
+    with store.connect(results) as con:
+        prov = con.execute("SELECT * FROM provenance WHERE unit_id IS NOT NULL").df()
+    assert len(prov) == len(plan.units)
+    by_unit = {u.unit.unit_id: u for u in plan.units}
+    for r in prov.itertuples():
+        wu = by_unit[r.unit_id]
+        assert r.scorer == "shared" and r.threads == 1 and r.eval_docs == plan.n_docs(wu.tasks)
+        assert r.eval_requests >= r.eval_docs and r.eval_tokens > 0
+        assert r.eval_docs_per_s == pytest.approx(r.eval_docs / r.eval_wall_s)
+        assert r.unit_wall_s >= r.eval_wall_s + (r.merge_wall_s if wu.role == "merged" else 0.0)
+    assert lines[0].startswith(f"{len(plan.units)} unit(s) to run, 0 stored; expected ~")
+    progress = [line for line in lines if line.startswith("[")]
+    assert len(progress) == len(plan.units) and all(" ETA " in line for line in progress)
+    assert progress[-1].endswith("ETA done") and "doc/s" in progress[0]

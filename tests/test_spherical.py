@@ -1,8 +1,8 @@
 """SLERP, layer-adaptive SLERP, Multi-SLERP and Karcher: formulas, properties and edge cases.
 
-References below are written in float64 straight from the papers' formulas (seed 003 eq. 3
-and Alg. 1, seed 000 eqs. 4-5, mergekit's Multi-SLERP description), never by calling the
-kernels under test.
+References below are written in float64 straight from the papers' formulas (layer-adaptive
+SLERP eq. 3 and Alg. 1, seed 000 eqs. 4-5, mergekit's Multi-SLERP description), never by
+calling the kernels under test.
 """
 
 import itertools
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mergebench.methods import ModuleKind, TensorContext, get_method
+from mergebench.methods import ModuleKind, ParameterError, TensorContext, get_method
 from mergebench.testing import method_checks, run_kernel
 
 torch.set_num_threads(1)
@@ -28,8 +28,10 @@ CHECKS = [
     for spec, params in [
         (SLERP, None),
         (SLERP, {"t": 0.3}),
+        (SLERP, {"t": 0.3, "norm": "interpolate"}),
         (LAS, None),
         (LAS, {"tau_omega": None}),
+        (LAS, {"norm": "interpolate"}),
         (MULTI, None),
         (KARCHER, None),
     ]
@@ -50,14 +52,23 @@ def unit(x):
     return x / x.norm()
 
 
-def ref_slerp(a, b, t, eps=1e-6):
-    """Seed 003 eq. 3 on unit vectors, omega clipped to [eps, pi - eps], norm interpolated."""
+def ref_slerp(a, b, t, eps=1e-6, norm="raw"):
+    """Layer-adaptive SLERP eq. 3 / Alg. 1 lines 2-4, omega clipped to [eps, pi - eps].
+
+    ``raw``: the sine coefficients on the raw weight vectors (Alg. 1 line 4). ``interpolate``:
+    on the unit vectors, rescaled by the linearly interpolated norm."""
     na, nb = a.double().norm(), b.double().norm()
     u1, u2 = unit(a), unit(b)
     omega = torch.acos(torch.clamp(u1 @ u2, -1, 1)).item()
     omega = min(max(omega, eps), math.pi - eps)
-    d = (math.sin((1 - t) * omega) * u1 + math.sin(t * omega) * u2) / math.sin(omega)
-    return (d * ((1 - t) * na + t * nb)).reshape(a.shape)
+    ca, cb = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    if norm == "raw":
+        return (ca * a.double() + cb * b.double()).reshape(a.shape)
+    return ((ca * u1 + cb * u2) * ((1 - t) * na + t * nb)).reshape(a.shape)
+
+
+def sp(t, norm="raw", eps=1e-6):
+    return SLERP.validate_params({"t": t, "norm": norm, "epsilon": eps})
 
 
 def sphere_log(m, u):
@@ -115,49 +126,99 @@ def close(a, b, atol=1e-10, rtol=1e-8):
 # ------------------------------------------------------------------ SLERP
 
 
+@pytest.mark.parametrize("norm", ["raw", "interpolate"])
 @pytest.mark.parametrize("t", [0.0, 0.1, 0.5, 0.77, 1.0])
 @pytest.mark.parametrize("shape", [(24, 16), (16,)])
-def test_slerp_matches_reference(t, shape):
-    a, b = rand(shape, 1), 3.0 * rand(shape, 2)  # unequal norms: the norm is interpolated
-    out = run_kernel(SLERP, None, [a, b], {"t": t, "epsilon": 1e-6}, CTX)
-    close(out, ref_slerp(a, b, t))
-    out32 = run_kernel(SLERP, None, [a.float(), b.float()], {"t": t, "epsilon": 1e-6}, CTX)
+def test_slerp_matches_reference(t, shape, norm):
+    a, b = rand(shape, 1), 3.0 * rand(shape, 2)  # unequal norms: the two rules differ
+    out = run_kernel(SLERP, None, [a, b], sp(t, norm), CTX)
+    close(out, ref_slerp(a, b, t, norm=norm))
+    out32 = run_kernel(SLERP, None, [a.float(), b.float()], sp(t, norm), CTX)
     assert out32.dtype == torch.float32
-    close(out32, ref_slerp(a, b, t), atol=1e-5, rtol=1e-5)
+    close(out32, ref_slerp(a, b, t, norm=norm), atol=1e-5, rtol=1e-5)
 
 
-def test_slerp_endpoints_and_norm():
+def test_slerp_default_is_the_papers_raw_rule():
+    """Alg. 1 line 4: theta = a theta_1 + b theta_2 on the raw vectors (not their unit directions)."""
+    a, b = rand((12, 9), 8), 4.0 * rand((12, 9), 9)
+    assert SLERP.validate_params()["norm"] == "raw" and LAS.validate_params()["norm"] == "raw"
+    w = angle(a, b)
+    ca, cb = math.sin(0.7 * w) / math.sin(w), math.sin(0.3 * w) / math.sin(w)
+    close(run_kernel(SLERP, None, [a, b], SLERP.validate_params({"t": 0.3}), CTX), ca * a + cb * b)
+    interp = run_kernel(SLERP, None, [a, b], sp(0.3, "interpolate"), CTX)
+    assert (interp - (ca * a + cb * b)).abs().max().item() > 1e-2  # unequal norms: the rules differ
+    # equal norms: both rules give the same point
+    b1 = b * (a.norm() / b.norm())
+    close(run_kernel(SLERP, None, [a, b1], sp(0.3), CTX), run_kernel(SLERP, None, [a, b1], sp(0.3, "interpolate"), CTX))
+
+
+@pytest.mark.parametrize("norm", ["raw", "interpolate"])
+def test_slerp_endpoints_and_norm(norm):
     a, b = rand((8, 8), 3), 0.5 * rand((8, 8), 4)
-    close(run_kernel(SLERP, None, [a, b], {"t": 0.0, "epsilon": 1e-6}, CTX), a, atol=1e-12)
-    close(run_kernel(SLERP, None, [a, b], {"t": 1.0, "epsilon": 1e-6}, CTX), b, atol=1e-12)
-    mid = run_kernel(SLERP, None, [a, b], {"t": 0.25, "epsilon": 1e-6}, CTX)
-    assert mid.norm().item() == pytest.approx(0.75 * a.norm().item() + 0.25 * b.norm().item(), rel=1e-10)
-    # constant angular speed: the result sits at t * omega from the first input
-    assert angle(mid, a) == pytest.approx(0.25 * angle(a, b), rel=1e-9)
+    close(run_kernel(SLERP, None, [a, b], sp(0.0, norm), CTX), a, atol=1e-12)
+    close(run_kernel(SLERP, None, [a, b], sp(1.0, norm), CTX), b, atol=1e-12)
+    mid = run_kernel(SLERP, None, [a, b], sp(0.25, norm), CTX)
+    if norm == "interpolate":
+        assert mid.norm().item() == pytest.approx(0.75 * a.norm().item() + 0.25 * b.norm().item(), rel=1e-10)
+        # constant angular speed: the result sits at t * omega from the first input
+        assert angle(mid, a) == pytest.approx(0.25 * angle(a, b), rel=1e-9)
+    else:  # raw: on the geodesic between the directions only when the norms are equal
+        b1 = b * (a.norm() / b.norm())
+        mid = run_kernel(SLERP, None, [a, b1], sp(0.25, norm), CTX)
+        assert mid.norm().item() == pytest.approx(a.norm().item(), rel=1e-10)
+        assert angle(mid, a) == pytest.approx(0.25 * angle(a, b1), rel=1e-9)
 
 
+@pytest.mark.parametrize("norm", ["raw", "interpolate"])
+def test_slerp_base_and_one_expert(norm):
+    """mergekit's convention: a base and one model, t=0 the base, t=1 the model."""
+    a, b = rand((6, 7), 12), 2.0 * rand((6, 7), 13)
+    out = run_kernel(SLERP, a, [b], sp(0.4, norm), CTX)
+    close(out, ref_slerp(a, b, 0.4, norm=norm))
+    close(run_kernel(SLERP, a, [b], sp(0.0, norm), CTX), a, atol=1e-12)
+    # two experts: the base (if any) only supplies config and tokenizer
+    close(run_kernel(SLERP, rand((6, 7), 14), [a, b], sp(0.4, norm), CTX), out, atol=1e-14)
+    with pytest.raises(ParameterError, match="needs 2 models"):
+        SLERP.contract.check("slerp", has_base=False, n_experts=1)
+    SLERP.contract.check("slerp", has_base=True, n_experts=1)
+    with pytest.raises(ParameterError, match="at most 2 experts"):
+        SLERP.contract.check("slerp", has_base=True, n_experts=3)
+
+
+@pytest.mark.parametrize("norm", ["raw", "interpolate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("factor", [1.0, 3.0, -1.0, -2.0])
-def test_slerp_collinear_inputs_are_finite(factor, dtype):
+def test_slerp_collinear_inputs_are_finite(factor, dtype, norm):
     a = rand((16, 8), 5, dtype)
     for t in (0.0, 0.3, 0.5, 1.0):
-        out = run_kernel(SLERP, None, [a, factor * a], {"t": t, "epsilon": 1e-6}, CTX)
+        out = run_kernel(SLERP, None, [a, factor * a], sp(t, norm), CTX)
         assert torch.isfinite(out).all()
-        if factor > 0:  # same direction: only the norm is interpolated
+        if factor > 0:  # same direction: both rules tend to linear interpolation
             close(out, a * ((1 - t) + t * factor), atol=1e-5, rtol=1e-5)
-        else:  # antipodal: the clipped formula tends to cos(pi t) u1 times the norm
+        elif norm == "interpolate" or factor == -1.0:  # antipodal: tends to cos(pi t) u1 times the norm
             expect = a * math.cos(math.pi * t) * ((1 - t) + t * abs(factor))
             close(out, expect, atol=1e-4, rtol=1e-4)
+        else:  # raw, antipodal, unequal norms: the clipped coefficients, ~1/sin(eps), as written
+            close(out, ref_slerp(a, factor * a.double(), t).to(dtype), atol=1e-4, rtol=1e-4)
     # nearly collinear: a tiny perpendicular perturbation stays close to linear interpolation
     b = a + 1e-9 * rand((16, 8), 6, dtype)
-    out = run_kernel(SLERP, None, [a, b], {"t": 0.4, "epsilon": 1e-6}, CTX)
+    out = run_kernel(SLERP, None, [a, b], sp(0.4, norm), CTX)
     close(out, 0.6 * a + 0.4 * b, atol=1e-5, rtol=1e-5)
 
 
-def test_slerp_zero_input_is_linear():
+@pytest.mark.parametrize("norm", ["raw", "interpolate"])
+def test_slerp_zero_input_is_linear(norm):
     a, z = rand((6, 5), 7), torch.zeros(6, 5, dtype=torch.float64)
-    out = run_kernel(SLERP, None, [z, a], {"t": 0.3, "epsilon": 1e-6}, CTX)
+    out = run_kernel(SLERP, None, [z, a], sp(0.3, norm), CTX)
     close(out, 0.3 * a)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_slerp_nonfinite_input_stays_nonfinite(bad):
+    a, b = rand((6, 5), 7), rand((6, 5), 8)
+    b[2, 3] = bad
+    out = run_kernel(SLERP, None, [a, b], sp(0.3), CTX)
+    assert not torch.isfinite(out[2, 3]) and torch.isfinite(out[0, 0])  # falls back to the lerp
 
 
 # ------------------------------------------------------------------ layer-adaptive SLERP
@@ -182,7 +243,9 @@ def test_layer_adaptive_constant_schedule_is_global_slerp(key):
     p = las_params(t_attention=[0.3], t_mlp=[0.3], t_other=[0.3], tau_omega=None)
     out = run_kernel(LAS, None, [a, b], p, CONTEXTS[key])
     close(out, ref_slerp(a, b, 0.3))
-    close(out, run_kernel(SLERP, None, [a, b], {"t": 0.3, "epsilon": 1e-6}, CONTEXTS[key]), atol=1e-14)
+    close(out, run_kernel(SLERP, None, [a, b], sp(0.3), CONTEXTS[key]), atol=1e-14)
+    p = las_params(t_attention=[0.3], t_mlp=[0.3], t_other=[0.3], tau_omega=None, norm="interpolate")
+    close(run_kernel(LAS, None, [a, b], p, CONTEXTS[key]), ref_slerp(a, b, 0.3, norm="interpolate"))
 
 
 def test_layer_adaptive_schedule_interpolates_over_depth():
@@ -310,12 +373,13 @@ def test_karcher_single_model_is_that_model():
 @pytest.mark.parametrize("weights, t", [([1.0, 1.0], 0.5), ([0.7, 0.3], 0.3), ([1.0, 4.0], 0.8)])
 def test_karcher_of_two_is_slerp(weights, t):
     """Two points: the weighted Karcher mean is the geodesic point at fraction w2 / (w1 + w2),
-    and the norm average is the same linear one; equal weights give the SLERP midpoint."""
+    and the norm average is the same linear one: SLERP with norm="interpolate" (the default
+    raw SLERP differs for unequal norms); equal weights give that SLERP's midpoint."""
     a, b = rand((9, 11), 61), 2.5 * rand((9, 11), 62)
     out = run_kernel(KARCHER, None, [a, b], KP, CTX, weights=torch.tensor(weights, dtype=torch.float64))
-    close(out, ref_slerp(a, b, t), atol=1e-10)
+    close(out, ref_slerp(a, b, t, norm="interpolate"), atol=1e-10)
     if t == 0.5:
-        close(out, run_kernel(SLERP, None, [a, b], SLERP.validate_params(), CTX), atol=1e-10)
+        close(out, run_kernel(SLERP, None, [a, b], sp(0.5, "interpolate"), CTX), atol=1e-10)
 
 
 @pytest.mark.parametrize("n", [3, 4, 5, 6])
@@ -363,9 +427,25 @@ def test_karcher_zero_norm_experts():
     out = run_kernel(KARCHER, None, [a, z, b], KP, CTX)
     assert torch.isfinite(out).all()
     # the zero tensor has no direction but counts (with norm 0) in the norm average
-    close(unit(out), unit(ref_slerp(a, b, 0.5)), atol=1e-10)
+    close(unit(out), unit(ref_slerp(a, b, 0.5, norm="interpolate")), atol=1e-10)
     assert out.norm().item() == pytest.approx((a.norm() + b.norm()).item() / 3, rel=1e-10)
     close(run_kernel(KARCHER, None, [z, z.clone()], KP, CTX), z)
+
+
+@pytest.mark.parametrize("with_fisher", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_karcher_nonfinite_input_is_never_zeroed(bad, with_fisher):
+    """A NaN/inf tensor has no direction; it used to come out as all zeros (finite!). Now the
+    result is the weighted linear mean, so the bad element stays non-finite."""
+    experts = [rand((5, 4), 104 + i) for i in range(3)]
+    experts[1][2, 1] = bad
+    ctx = fisher_ctx([torch.ones(5, 4, dtype=torch.float64) for _ in experts]) if with_fisher else CTX
+    w = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    out = run_kernel(KARCHER, None, experts, KP, ctx, weights=w)
+    assert not torch.isfinite(out[2, 1])
+    expect = (experts[0] + 2 * experts[1] + experts[2]) / 4
+    keep = torch.isfinite(expect)
+    close(out[keep], expect[keep])
 
 
 def test_karcher_rejects_negative_weights():
@@ -427,3 +507,30 @@ def test_bfloat16_inputs(spec):
     a, b = rand((16, 16), 160, torch.bfloat16), rand((16, 16), 161, torch.bfloat16)
     out = run_kernel(spec, a, [a, b], spec.validate_params(), CTX)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ through the CLI
+
+
+@pytest.mark.parametrize("norm", ["raw", "interpolate"])
+def test_cli_slerp_base_and_one_expert(tiny_pool, tmp_path, norm):
+    """`mergebench merge --method slerp --base A --experts B` (mergekit's convention): t=0 is
+    the base, t=1 the expert; every tensor matches the float64 formula."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from mergebench.cli import app
+
+    base, experts = tiny_pool
+    out = tmp_path / "slerp"
+    res = CliRunner().invoke(app, ["merge", "--method", "slerp", "--base", str(base), "--experts", str(experts[0]),
+                                   "--set", "t=0.3", "--set", f"norm={norm}", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    merged = load_file(str(out / "model.safetensors"))
+    a, b = load_file(str(base / "model.safetensors")), load_file(str(experts[0] / "model.safetensors"))
+    assert merged.keys() == a.keys()
+    for k in merged:
+        close(merged[k], ref_slerp(a[k].double(), b[k].double(), 0.3, norm=norm).float(), atol=1e-6, rtol=1e-5)
+    res = CliRunner().invoke(app, ["merge", "--method", "slerp", "--experts", str(experts[0]), "--out",
+                                   str(tmp_path / "x"), "-q"])
+    assert res.exit_code == 2 and "needs 2 models" in res.output and not (tmp_path / "x").exists()

@@ -161,6 +161,29 @@ def test_concurrent_writers_of_one_unit_leave_one_file(tmp_path):
     assert store.sql("SELECT count(*) c FROM results", tmp_path)["c"][0] == len(ROWS)
 
 
+def test_racing_exclusive_writers_leave_one_provenance_record(tmp_path):
+    # only the writer whose rows file won commits its provenance (two sweeps used to leave a
+    # provenance file per racer: 18 for 17 units)
+    u = merged()
+    barrier = threading.Barrier(6)
+
+    def go(i):
+        barrier.wait()
+        store.write_unit(u, ROWS, run_id=f"run{i}", results_dir=tmp_path, exclusive=True,
+                         provenance={"eval_wall_s": float(i)})
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(list((tmp_path / "runs").rglob("*.parquet"))) == 1
+    assert len(list((tmp_path / "provenance").rglob("*.parquet"))) == 1
+    (run,) = set(store.sql("SELECT DISTINCT run_id FROM results", tmp_path)["run_id"])
+    assert store.sql("SELECT run_id FROM provenance", tmp_path)["run_id"].tolist() == [run]  # the winner's record
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_concurrent_writers_of_different_units_all_land(tmp_path):
     units = [merged(subset=(f"e{i}", f"e{i + 1}")) for i in range(12)]
 

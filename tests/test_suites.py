@@ -180,7 +180,7 @@ def test_validation_errors_name_the_file_and_field(tmp_path):
         load_suite(str(f))
 
     f = _broken(tmp_path, "openllm", "version: 1\n", "")
-    with pytest.raises(ConfigError, match=r"openllm.yaml.*\n\s+version: Field required"):
+    with pytest.raises(ConfigError, match=r"openllm.yaml: version: Field required$"):  # one line
         load_suite(str(f))
 
     f = _broken(tmp_path, "inthewild", "{name: mb_capitals, metric: acc, chance:", "{name: mb_capitals, chanse:")
@@ -474,3 +474,54 @@ def test_headqa_is_a_group_that_aggregates_both_languages():
     assert {m["metric"] for m in cfg["aggregate_metric_list"]} == {"acc", "acc_norm"}
     assert "headqa" in tm.all_tags and "headqa_en_es" in tm.all_groups
     assert "headqa_en_es" in prof.task_names()
+
+
+def test_every_profile_scores_a_metric_its_tasks_report():
+    """Each task's headline metric is one its lm-eval config reports (a task's metric_list or
+    lm-eval's defaults, a group's aggregate_metric_list), for every profile of every suite: one
+    TaskManager holds the installed lm-eval tasks, suites/lm_eval and the embedded tasks."""
+    from mergebench.runner import _task_manager
+    from mergebench.suites import check_task_metrics
+
+    tm = _task_manager(load_suite("inthewild").profile("paper", pool="inthewild-qwen3-4b"))
+    checked = 0
+    for suite in list_suites():
+        for prof in suite.profiles.values():
+            check_task_metrics(suite, prof, tm)
+            checked += len(prof.tasks)
+    assert checked > 60
+    bad = load_suite("glue").profiles["paper"].model_copy(deep=True)
+    bad.tasks[0] = bad.tasks[0].model_copy(update={"metric": "acc"})  # lm-eval's cola reports only mcc
+    with pytest.raises(SuiteError, match=r"glue.yaml: profiles.paper.tasks.0: task 'cola' reports no metric 'acc' "
+                                         r"\(its lm-eval config lists: mcc\)"):
+        check_task_metrics(load_suite("glue"), bad, tm)
+
+
+def test_metric_check_reads_defaults_groups_and_leaves_tags_to_the_runner():
+    from types import SimpleNamespace as NS
+
+    from mergebench.suites import Profile, check_task_metrics
+
+    def entry(kind, **cfg):
+        return NS(kind=NS(name=kind), cfg=cfg)
+
+    tm = NS(task_index={
+        "plain_mc": entry("TASK", output_type="multiple_choice"),  # no metric_list: lm-eval's defaults
+        "gen": entry("TASK", output_type="generate_until", metric_list=[{"metric": "exact_match"}]),
+        "grp": entry("GROUP", aggregate_metric_list=[{"metric": "acc_norm"}]),
+        "a_tag": entry("TAG"),
+        "py_task": entry("PY_TASK"),
+    })
+    suite = load_suite("glue")
+
+    def profile(*tasks):
+        return Profile(pools=["x"], tasks=[{"name": n, "metric": m} for n, m in tasks],
+                       sampler={"mode": "uniform", "sizes": [2]}, name="p")
+
+    check_task_metrics(suite, profile(("plain_mc", "acc_norm"), ("gen", "exact_match,strict-match"),
+                                      ("grp", "acc_norm"), ("a_tag", "anything"), ("py_task", "anything")), tm)
+    with pytest.raises(SuiteError, match=r"tasks.0: task 'plain_mc' reports no metric 'mcc' \(.*acc, acc_norm\); "
+                                         r"profiles.p.tasks.1: task 'grp' reports no metric 'acc'"):
+        check_task_metrics(suite, profile(("plain_mc", "mcc"), ("grp", "acc")), tm)
+    with pytest.raises(SuiteError, match=r"tasks.0: no task, group or tag 'nope' \(not in the installed lm-eval"):
+        check_task_metrics(suite, profile(("nope", "acc")), tm)

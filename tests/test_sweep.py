@@ -261,4 +261,23 @@ def test_cli_sweep_dry_run_estimate_and_errors(small, tmp_path):
     assert planned.exit_code == 0 and " ".join(planned.output.split()).count("2 of 7 unit(s) to run") == 1
     both = run(app, ["plan", "--suite", small, "--method", "linear", "--methods", "linear,ties"])
     assert both.exit_code == 2 and "not both" in both.output
-    assert "measured from 5 stored unit(s) of pool 'tiny' on cpu" in dry
+    assert "measured from 5 stored unit(s) of pool 'tiny' on this CPU" in dry and "shared scorer" in dry
+
+
+def test_workers_share_the_cores_instead_of_each_taking_all(monkeypatch):
+    """--workers N runs N units at once (a local Ray instance), each reserving cores // N CPUs,
+    which is also its torch thread count (run_job's ``threads``)."""
+    from typer.testing import CliRunner
+
+    import mergebench.sweep.command as command
+    from mergebench.cli import app
+    from mergebench.threads import available_cores
+
+    seen = {}
+    monkeypatch.setattr(command, "execute", lambda req, console, out: seen.setdefault("req", req) and 0)
+    res = CliRunner().invoke(app, ["sweep", "--suite", "inthewild", "--methods", "linear", "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    req = seen["req"]
+    assert req.executor == "ray" and req.resources.num_cpus == max(1, available_cores() // 2)
+    bad = CliRunner().invoke(app, ["sweep", "--suite", "inthewild", "--methods", "linear", "--workers", "0"])
+    assert bad.exit_code == 2 and "--workers must be at least 1" in bad.output and "Traceback" not in bad.output

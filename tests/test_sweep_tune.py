@@ -39,22 +39,22 @@ GRID = [{"lambda": v} for v in ("0.25", "0.5", "0.75", "1.0")]
 def test_tuning_reads_only_validation_documents_then_tests_only_the_best(tiny_suites, tmp_path, monkeypatch):
     name = write_small_suite(tiny_suites)
     calls: list[dict] = []  # every evaluation, in order: the split lm-eval actually reads, documents, settings
-    real_eval, real_unit = evaluate.evaluate_model, runner._run_unit
+    real_score, real_unit = evaluate.Battery.score, runner._run_unit
     current: dict = {}
 
     def run_unit(plan, wu, **kw):
         current.update(params=dict(wu.unit.params), role=wu.role, unit_id=wu.unit.unit_id)
         return real_unit(plan, wu, **kw)
 
-    def evaluate_model(model, tok, tasks, task_manager, *, samples=None, **kw):
-        for t in tasks:
-            data = task_manager.task_index[t].cfg["dataset_kwargs"]["data_files"]
-            calls.append({"task": t, "split": {Path(f).stem for f in data.values()}, "docs": list(samples[t]),
+    def score(self, model, tok, **kw):  # every model a battery scores: its tasks' split and documents
+        for t in self.tasks:
+            data = self.task_manager.task_index[t].cfg["dataset_kwargs"]["data_files"]
+            calls.append({"task": t, "split": {Path(f).stem for f in data.values()}, "docs": list(self.samples[t]),
                           **current})
-        return real_eval(model, tok, tasks, task_manager, samples=samples, **kw)
+        return real_score(self, model, tok, **kw)
 
     monkeypatch.setattr(runner, "_run_unit", run_unit)
-    monkeypatch.setattr(evaluate, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(evaluate.Battery, "score", score)
     results = tmp_path / "results"
     out = tune(name, {"task_arithmetic": GRID, "linear": [{}]}, trials=3, results_dir=results, progress=False,
                **QUIET)

@@ -21,8 +21,47 @@ def test_a_tampered_adapter_is_refused(tmp_path, monkeypatch):
     fake = json.loads(json.dumps(MANIFEST))
     name = next(iter(fake["experts"]))
     fake["experts"][name]["files"]["adapter_model.safetensors"] = "0" * 64
-    with pytest.raises(ValueError, match=f"{name}/adapter_model.safetensors has sha256"):
+    with pytest.raises(pool.ZooError, match=f"{name}/adapter_model.safetensors has sha256"):
         pool.verify_adapters(fake)
+
+
+def test_a_materialized_folder_is_checked_against_its_weight_record(tmp_path, tiny_pool):
+    """The record holds each weight file's sha256 (equal to hashlib's over the bytes), size and
+    mtime; a folder materialized before records existed gets one; a changed mtime with the same
+    bytes is hashed once and the record refreshed; a stale stamp means "not materialized"; an
+    extra weight file is damage."""
+    import hashlib
+    import shutil
+
+    folder = tmp_path / "capitals"
+    shutil.copytree(tiny_pool[1][0], folder)
+    stamp = {"adapter_files": MANIFEST["experts"]["capitals"]["files"]}
+    (folder / pool.EXPERT_STAMP).write_text(json.dumps(stamp))
+    assert pool.check_materialized("capitals", folder)  # no record yet: one is written
+    weights = folder / "model.safetensors"
+    rec = json.loads((folder / pool.WEIGHTS_RECORD).read_text())["files"]
+    assert list(rec) == ["model.safetensors"]
+    assert rec["model.safetensors"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert rec["model.safetensors"]["size"] == weights.stat().st_size
+    assert pool.check_materialized("capitals", folder) and pool.check_materialized("capitals", folder, full=True)
+    later = rec["model.safetensors"]["mtime_ns"] + 10**9
+    os.utime(weights, ns=(later, later))
+    assert pool.check_materialized("capitals", folder)
+    record = json.loads((folder / pool.WEIGHTS_RECORD).read_text())
+    assert record["files"]["model.safetensors"]["mtime_ns"] == later
+    assert not pool.check_materialized("elements", folder)  # the stamp names another expert's adapters
+    (folder / pool.EXPERT_STAMP).write_text(json.dumps({"adapter_files": {"adapter_model.safetensors": "0" * 64}}))
+    assert not pool.check_materialized("capitals", folder)  # stale: the adapters changed since
+    (folder / pool.EXPERT_STAMP).write_text(json.dumps(stamp))
+    shutil.copy(weights, folder / "model-extra.safetensors")
+    with pytest.raises(pool.MaterializedModelError, match=r"'capitals' is damaged: weight file\(s\) .*model-extra"):
+        pool.check_materialized("capitals", folder)
+
+
+def test_unknown_or_unbuilt_experts_are_named():
+    with pytest.raises(pool.UnknownExpertError, match="no expert 'nope' in the smol pool; experts: gsm8k-answer"):
+        pool.materialize(names=["nope"])
+    assert str(pool.UnknownExpertError("plain text")) == "plain text"
 
 
 def test_committed_adapters_stay_within_budget():

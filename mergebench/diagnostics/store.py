@@ -7,8 +7,9 @@ Layout under a results directory (beside ``runs/`` and ``provenance/``, see :mod
 A unit is one diagnostic computation (one kind, one pool, one set of models, one method setting,
 one set of diagnostic settings); its id is a content hash (:class:`DiagUnit`), so a repeated run
 finds it done and writes nothing. Files are written with :func:`mergebench.store._atomic_write`
-(hidden temp file, then link), exactly like result units: a reader never sees half a file.
-Folder names are for people only; every column lives in the files.
+(hidden temp file, then link), exactly like result units: a reader never sees half a file, and a
+damaged file is skipped by every reader with a warning naming it (and moved to ``quarantine/``
+when its unit is stored again). Folder names are for people only; every column lives in the files.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 from urllib.parse import quote
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import store as _store
-from ..store import DEFAULT_RESULTS_DIR, SCHEMA_VERSION, WriteResult, _atomic_write, _conform, _f, _rows_table, canonical_json
+from ..store import (DEFAULT_RESULTS_DIR, SCHEMA_VERSION, WriteResult, _atomic_write, _conform, _f, _glob_health,
+                     _quarantine, _read_sound, _rows_table, _scan, _warn, canonical_json)
 
 __all__ = ["DIAGNOSTICS_SCHEMA", "KINDS", "DiagUnit", "has_diagnostics", "read_diagnostics", "write_diagnostics"]
 
@@ -110,7 +111,8 @@ def _root(results_dir: Path) -> Path:
 
 
 def _files(results_dir: Path, uid: str) -> list[Path]:
-    return sorted(_root(results_dir).glob(f"pool=*/kind=*/diag-*-{uid}.parquet"))
+    """The unit's sound files (damaged ones are skipped with a warning)."""
+    return _scan(Path(results_dir), "diagnostics", f"pool=*/kind=*/diag-*-{uid}.parquet")
 
 
 def has_diagnostics(unit: DiagUnit | str, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> bool:
@@ -131,7 +133,7 @@ def write_diagnostics(
         raise ValueError(f"run_id {run_id!r} must match {_store._RUN_ID.pattern}")
     results_dir = Path(results_dir)
     uid = unit.unit_id
-    existing = _files(results_dir, uid)
+    existing, damaged = _glob_health(_root(results_dir), f"pool=*/kind=*/diag-*-{uid}.parquet")
     if existing:
         return WriteResult(uid, existing[0], False)
     if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], Mapping):
@@ -159,6 +161,8 @@ def write_diagnostics(
         raise ValueError(f"diagnostic unit {uid}: rows repeat a {_KEY_COLS} key")
     part = _root(results_dir) / f"pool={quote(unit.pool, safe='')}" / f"kind={unit.kind}"
     final = part / f"diag-{run_id}-{uid}.parquet"
+    for moved in _quarantine(results_dir, damaged):
+        _warn(f"moved the damaged diagnostics file of unit {uid} to {moved}; storing the unit again")
     if not _atomic_write(table, final):
         return WriteResult(uid, final, False)
     files = _files(results_dir, uid)  # same convergence rule as store.write_unit
@@ -171,13 +175,13 @@ def write_diagnostics(
 
 def read_diagnostics(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *, kind: str | None = None,
                      pool: str | None = None):
-    """Every stored diagnostic row as a pandas DataFrame (DIAGNOSTICS_SCHEMA columns; empty if none)."""
-    root = _root(Path(results_dir))
+    """Every stored diagnostic row as a pandas DataFrame (DIAGNOSTICS_SCHEMA columns; empty if
+    none); a damaged file is skipped with a warning naming it."""
     pat = f"pool={quote(pool, safe='') if pool else '*'}/kind={kind or '*'}/diag-*.parquet"
-    files = sorted(root.glob(pat)) if root.is_dir() else []
-    if not files:
+    tables = [t for _, t in _read_sound(_scan(Path(results_dir), "diagnostics", pat), Path(results_dir),
+                                        schema=DIAGNOSTICS_SCHEMA)]
+    if not tables:
         return DIAGNOSTICS_SCHEMA.empty_table().to_pandas()
-    tables = [pq.read_table(f, schema=DIAGNOSTICS_SCHEMA) for f in files]
     return pa.concat_tables(tables).to_pandas()
 
 

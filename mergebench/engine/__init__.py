@@ -9,8 +9,21 @@ sharded safetensors writer (or an in-memory state dict, for ``out=None``);
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint, resolve_model_path
 from .compat import CompatibilityError, MergePlan, plan_merge
 from .inmemory import load_merged_model
-from .merge import DEFAULT_CHUNK_BYTES, PROVENANCE_FILE, MergeError, MergeResult, merge, peak_rss_bytes, tensor_seed
-from .writer import ShardedWriter, check_destination
+from .device import DeviceError, resolve_device
+from .merge import (
+    DEFAULT_CHUNK_BYTES,
+    PROVENANCE_FILE,
+    MergeError,
+    MergeResult,
+    NonFiniteError,
+    NonFiniteInputError,
+    NonFiniteOutputError,
+    all_finite,
+    merge,
+    peak_rss_bytes,
+    tensor_seed,
+)
+from .writer import OutputPathError, OutputWriteError, ShardedWriter, check_destination
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -18,16 +31,24 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CompatibilityError",
+    "DeviceError",
     "MergeError",
     "MergePlan",
     "MergeResult",
+    "NonFiniteError",
+    "NonFiniteInputError",
+    "NonFiniteOutputError",
+    "OutputPathError",
+    "OutputWriteError",
     "ShardedWriter",
+    "all_finite",
     "check_destination",
     "load_merged_model",
     "merge",
     "open_checkpoint",
     "peak_rss_bytes",
     "plan_merge",
+    "resolve_device",
     "resolve_model_path",
     "tensor_seed",
 ]

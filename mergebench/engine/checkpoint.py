@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MergebenchError
+
 __all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "open_checkpoint", "resolve_model_path"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -48,7 +50,7 @@ _FINGERPRINT_BLOCKS = 16
 _FINGERPRINT_BLOCK = 4096
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MergebenchError, ValueError):
     """A checkpoint cannot be found, is not in a supported format, or is malformed."""
 
 
@@ -115,6 +117,21 @@ def _read_header(path: Path) -> tuple[bytes, dict]:
         return raw, json.loads(raw)
     except ValueError as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+
+
+def _short(text: str, width: int = 160) -> str:
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; a malformed file is a one-line CheckpointError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt {what} ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: corrupt {what} (expected a JSON object, got {type(data).__name__})")
+    return data
 
 
 def _sampled_blocks(f, start: int, end: int) -> bytes:
@@ -190,15 +207,18 @@ class Checkpoint:
         offset = info.start + row_start * row_bytes
         if offset + nbytes > info.end:
             raise CheckpointError(f"{self.describe(name)}: read of {name!r} past the tensor's end")
-        f = self._handle(info.file)
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        f.seek(offset)
-        done = 0
-        while done < nbytes:
-            got = f.readinto(view[done:])
-            if not got:
-                raise CheckpointError(f"{self.describe(name)}: file ends inside tensor {name!r}")
-            done += got
+        try:
+            f = self._handle(info.file)
+            f.seek(offset)
+            done = 0
+            while done < nbytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{self.describe(name)}: file ends inside tensor {name!r}")
+                done += got
+        except OSError as exc:
+            raise CheckpointError(f"{self.describe(name)}: cannot read tensor {name!r}: {exc.strerror or exc}") from None
         self.bytes_read += nbytes
 
     def _handle(self, file: Path):
@@ -242,7 +262,9 @@ def _weight_files(folder: Path) -> tuple[str, list[Path], dict[str, str] | None]
         ("pickle", "pytorch_model.bin", "pytorch_model.bin.index.json"),
     ):
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            weight_map = _read_json(folder / index, "shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{folder / index}: corrupt shard index (no 'weight_map' mapping)")
             files = sorted({folder / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -259,13 +281,24 @@ def _weight_files(folder: Path) -> tuple[str, list[Path], dict[str, str] | None]
 
 
 def open_checkpoint(spec: str | os.PathLike, label: str, *, allow_pickle: bool = False) -> Checkpoint:
-    """Resolve ``spec`` and read its config and tensor headers (no weights)."""
+    """Resolve ``spec`` and read its config and tensor headers (no weights).
+
+    Every failure (missing, unreadable, malformed) is a one-line :class:`CheckpointError`
+    naming ``label`` and the file."""
+    try:
+        return _open_checkpoint(spec, label, allow_pickle)
+    except OSError as exc:  # permissions, I/O errors, a folder where a file should be, ...
+        where = exc.filename or spec
+        raise CheckpointError(f"{label}: cannot read {where}: {exc.strerror or exc}") from None
+
+
+def _open_checkpoint(spec: str | os.PathLike, label: str, allow_pickle: bool) -> Checkpoint:
     path = resolve_model_path(spec)
     config = None
     if path.is_dir():
         kind, files, weight_map = _weight_files(path)
         if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
+            config = _read_json(path / "config.json", "config.json")
     elif path.suffix == ".safetensors":
         kind, files, weight_map = "safetensors", [path], None
     elif path.suffix in (".bin", ".pt", ".pth"):
@@ -306,7 +339,12 @@ def open_checkpoint(spec: str | os.PathLike, label: str, *, allow_pickle: bool =
                 raise CheckpointError(f"{label}: {file}: tensor {name!r} has unsupported dtype {meta['dtype']!r}") from None
             begin, end = meta["data_offsets"]
             info = TensorInfo(name, file, dtype, tuple(meta["shape"]), data_start + begin, data_start + end)
-            if info.end > size or info.end - info.start != info.nbytes:
+            if info.end > size:
+                raise CheckpointError(
+                    f"{label}: {file}: tensor {name!r} ends at byte {info.end}, past the end of the file "
+                    f"({size} bytes): the file is truncated"
+                )
+            if info.end - info.start != info.nbytes:
                 raise CheckpointError(f"{label}: {file}: tensor {name!r} has inconsistent data_offsets")
             tensors[name] = info
     if weight_map is not None:
@@ -321,9 +359,17 @@ def _open_pickle(label, source, path, config, files, digest) -> PickleCheckpoint
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         try:
-            part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-            part = torch.load(file, map_location="cpu", weights_only=True)
+            try:
+                part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+                part = torch.load(file, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as exc:  # corrupt or truncated archives, refused pickled objects
+            why = _short((str(exc).splitlines() or [type(exc).__name__])[0])
+            raise CheckpointError(f"{label}: {file}: cannot load this pickle checkpoint ({why})") from None
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{label}: {file}: a pickle checkpoint must hold a state dict, got {type(part).__name__}")
         size = file.stat().st_size
         with open(file, "rb") as f:
             digest.update(f"{file.name}:{size}:".encode() + _sampled_blocks(f, 0, size))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import MergebenchError
 from ..methods.naming import module_kind
 from ..methods.spec import ModuleKind
 from .checkpoint import Checkpoint
@@ -42,7 +43,7 @@ _TIED_PAIRS = (
 _INPUT_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings)\.weight$")
 
 
-class CompatibilityError(ValueError):
+class CompatibilityError(MergebenchError, ValueError):
     """The checkpoints cannot be merged as given (raised before any tensor is read)."""
 
 
@@ -69,6 +70,15 @@ class Source:
     @property
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
+
+    def describe(self, row: int = 0) -> str:
+        """``expert 1 (/path/model.safetensors): tensor 'name'`` for the segment holding ``row``
+        (the first stored segment when that row is padding)."""
+        stored = [s for s in self.segments if s.ckpt is not None]
+        if not stored:
+            return "padding (zeros)"
+        seg = next((s for s in stored if s.dst_start <= row < s.dst_start + s.rows), stored[0])
+        return f"{seg.ckpt.describe(seg.name)}: tensor {seg.name!r}"
 
     def read(self, row_start: int = 0, row_stop: int | None = None) -> torch.Tensor:
         row_stop = self.rows if row_stop is None else row_stop
@@ -131,8 +141,8 @@ def _whole(ckpt: Checkpoint | None, name: str, shape: tuple[int, ...], dtype: to
 
 def _fail(title: str, problems: Sequence[str]) -> None:
     if problems:
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise CompatibilityError(f"{title} ({len(problems)}):\n  " + "\n  ".join(problems[:MAX_LISTED]) + more)
+        more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise CompatibilityError(f"{title} ({len(problems)}): " + "; ".join(problems[:MAX_LISTED]) + more)  # one line
 
 
 def _check_configs(models: Sequence[Checkpoint]) -> None:

@@ -4,11 +4,15 @@ All output shapes and dtypes are known before merging starts, so each shard's he
 every tensor's byte offsets) is written first and tensor bytes are then appended in order,
 possibly in row chunks: the writer never holds more than the chunk it is given. Everything
 goes to a temporary folder next to the destination, which is renamed into place only once
-complete; on any error the temporary folder is removed, so there is never partial output.
+complete; on any error (a failing method, a full disk, an interrupted run) the temporary
+folder is removed, so there is never partial output. Operating-system errors while writing
+come out as one :class:`OutputWriteError` line naming the destination.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import shutil
@@ -20,20 +24,62 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MergebenchError
 from .checkpoint import DTYPE_NAMES
 
-__all__ = ["ShardedWriter", "check_destination"]
+__all__ = ["OutputPathError", "OutputWriteError", "ShardedWriter", "check_destination"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+class OutputPathError(MergebenchError, FileExistsError):
+    """The output path cannot be used: a non-empty folder (without overwrite), a file, or a
+    path under a file."""
+
+
+class OutputWriteError(MergebenchError, OSError):
+    """Writing the output failed (disk full, permissions, I/O error); nothing was left behind."""
+
+
 def check_destination(dest: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty destination unless ``overwrite`` (checked before merging)."""
+    """Refuse an unusable destination (checked before merging): an existing file, a path
+    under a file, or an existing non-empty folder unless ``overwrite``."""
+    dest = Path(dest)
+    for parent in dest.parents:
+        if parent.exists() and not parent.is_dir():
+            raise OutputPathError(f"output path {dest} lies under {parent}, which is a file, not a folder")
     if dest.exists() and not dest.is_dir():
-        raise FileExistsError(f"output path {dest} exists and is not a folder")
+        raise OutputPathError(f"output path {dest} exists and is not a folder")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {dest} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise OutputPathError(f"output folder {dest} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def _write_error(dest: Path, exc: OSError) -> OutputWriteError:
+    what = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg = f"disk full while writing {dest}: {what}; nothing was left behind (free space, or choose another --out)"
+    else:
+        where = f" ({exc.filename})" if exc.filename else ""
+        msg = f"cannot write {dest}: {what}{where}; nothing was left behind"
+    err = OutputWriteError(msg)
+    err.errno = exc.errno
+    return err
+
+
+def _os_errors(fn):
+    """Turn an ``OSError`` raised by a writer method into one :class:`OutputWriteError` line."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except MergebenchError:
+            raise
+        except OSError as exc:
+            raise _write_error(self.dest, exc) from exc
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -101,13 +147,18 @@ class ShardedWriter:
         return SINGLE_FILE if self.n_shards == 1 else f"model-{i + 1:05d}-of-{self.n_shards:05d}.safetensors"
 
     # -- lifecycle -------------------------------------------------------------------------
+    @_os_errors
     def __enter__(self) -> ShardedWriter:
         check_destination(self.dest, self.overwrite)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
+        try:
+            os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
+        except OSError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -115,13 +166,17 @@ class ShardedWriter:
             if exc_type is None:
                 self._commit()
         finally:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._file is not None:  # only after a failure: _commit closes it
+                f, self._file = self._file, None
+                try:
+                    f.close()  # may raise too (ENOSPC on the final flush): the cleanup must still run
+                except OSError:
+                    pass
             if self.tmp is not None and self.tmp.exists():
                 shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- tensors ---------------------------------------------------------------------------
+    @_os_errors
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Append ``chunk`` (the next rows of tensor ``name``, any device) to the output."""
         while self._i < 0 or self.entries[self._i].name != name:
@@ -155,15 +210,18 @@ class ShardedWriter:
         self._file.write(_header([e for e in self.entries if e.shard == shard], self.metadata))
 
     # -- other files -------------------------------------------------------------------------
+    @_os_errors
     def write_file(self, relname: str, data: bytes | str) -> None:
         path = self.tmp / relname
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data.encode() if isinstance(data, str) else data)
 
+    @_os_errors
     def copy_file(self, src: Path, relname: str | None = None) -> None:
         shutil.copyfile(src, self.tmp / (relname or src.name))
 
     # -- commit ------------------------------------------------------------------------------
+    @_os_errors
     def _commit(self) -> None:
         while self._i < len(self.entries) - 1:
             self._next_entry(None)
@@ -172,8 +230,8 @@ class ShardedWriter:
         if self._file is None:  # no tensors at all: still a valid (empty) safetensors file
             self._file = open(self.tmp / SINGLE_FILE, "wb")
             self._file.write(_header([], self.metadata))
-        self._file.close()
-        self._file = None
+        f, self._file = self._file, None
+        f.close()
         if self.n_shards > 1:
             index = {
                 "metadata": {"total_size": sum(e.end - e.begin for e in self.entries)},
@@ -184,7 +242,11 @@ class ShardedWriter:
         if self.dest.is_dir() and any(self.dest.iterdir()):
             trash = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.dest, trash)
-            os.replace(self.tmp, self.dest)
+            try:
+                os.replace(self.tmp, self.dest)
+            except OSError:
+                os.replace(trash, self.dest)  # put the old output back before reporting
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             if self.dest.is_dir():

@@ -16,6 +16,8 @@ from typing import Any
 
 from .spec import Granularity, InputContract, Kernel, MethodSpec, Param
 
+from ..errors import MergebenchError
+
 ENTRY_POINT_GROUP = "mergebench.methods"
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -23,7 +25,7 @@ _BROKEN: dict[str, str] = {}  # entry point name -> why it failed to load
 _ENTRY_POINTS_LOADED = False
 
 
-class UnknownMethodError(KeyError):
+class UnknownMethodError(MergebenchError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; we want plain text
         return str(self.args[0])
 

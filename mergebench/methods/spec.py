@@ -17,6 +17,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from ..errors import MergebenchError
+
 __all__ = [
     "Granularity",
     "InputContract",
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 
-class ParameterError(ValueError):
+class ParameterError(MergebenchError, ValueError):
     """A method parameter (or the input contract) is violated; raised before any tensor work."""
 
 
@@ -230,16 +232,55 @@ class InputContract:
     min_experts: int = 1
     max_experts: int | None = None
     per_expert_weights: bool = True
+    min_models: int | None = None
+    """Fewest models the kernel needs, counting a given base when the method uses it
+    (``base != "unused"``); e.g. SLERP takes a base and one expert, or two experts."""
+    weights_normalized: bool | str = False
+    """Whether the kernel divides by the sum of the per-expert weights: ``True`` always, or
+    the name of the bool parameter that turns the division on (e.g. ``"normalize"``). A
+    zero sum is then rejected before any tensor is read."""
+    nonnegative_weights: bool = False
+    """Whether negative per-expert weights are meaningless for the method (e.g. a mean on
+    the sphere) and rejected before any tensor is read."""
 
     def check(self, method: str, has_base: bool, n_experts: int, has_weights: bool = False) -> None:
         if self.base == "required" and not has_base:
             raise ParameterError(f"method {method!r} needs a base model (pass --base)")
+        if self.min_models is not None:
+            n_models = n_experts + (1 if has_base and self.base != "unused" else 0)
+            if n_models < self.min_models:
+                raise ParameterError(
+                    f"method {method!r} needs {self.min_models} models (a base and {self.min_models - 1} expert(s), "
+                    f"or {self.min_models} experts), got {n_experts} expert(s)" + (" and a base" if has_base else "")
+                )
         if n_experts < self.min_experts:
             raise ParameterError(f"method {method!r} needs at least {self.min_experts} experts, got {n_experts}")
         if self.max_experts is not None and n_experts > self.max_experts:
             raise ParameterError(f"method {method!r} accepts at most {self.max_experts} experts, got {n_experts}")
         if has_weights and not self.per_expert_weights:
             raise ParameterError(f"method {method!r} does not take per-expert weights")
+
+    def check_weights(self, method: str, weights: Sequence[float], params: Mapping[str, Any]) -> None:
+        """Reject per-expert weights the kernel cannot use: NaN or infinite values (any
+        method), a zero sum where the method divides by it, negative values where the
+        method declares them meaningless. Raises :class:`ParameterError` naming the value."""
+        shown = "[" + ", ".join(f"{w:g}" for w in weights) + "]"
+        for i, w in enumerate(weights):
+            if not math.isfinite(w):
+                raise ParameterError(f"method {method!r}: parameter 'weights' must be finite numbers; weight {i} is {w} in {shown}")
+        if self.nonnegative_weights:
+            neg = [i for i, w in enumerate(weights) if w < 0]
+            if neg:
+                raise ParameterError(
+                    f"method {method!r}: parameter 'weights' must be nonnegative; weight {neg[0]} is {weights[neg[0]]:g} in {shown}"
+                )
+        switch = self.weights_normalized
+        divides = switch is True or (isinstance(switch, str) and params.get(switch) is True)
+        if divides and math.fsum(weights) == 0:
+            why = f" ({switch}=true)" if isinstance(switch, str) else ""
+            raise ParameterError(
+                f"method {method!r}: parameter 'weights' {shown} sums to zero, and the method divides by the sum{why}"
+            )
 
 
 Prepass = Callable[[torch.Tensor | None, Sequence[torch.Tensor], Mapping[str, Any], TensorContext], Mapping[str, float]]
@@ -267,7 +308,10 @@ class MethodSpec:
     properties: frozenset[str] = frozenset()
     """Math properties the conformance kit may check, beyond the universal ones:
     ``identity_on_base`` (experts == base -> base), ``idempotent`` (identical experts ->
-    that tensor), ``order_invariant`` (equal weights -> expert order does not matter)."""
+    that tensor), ``order_invariant`` (equal weights -> expert order does not matter),
+    ``nonfinite_propagates`` (a NaN/inf anywhere in any input the kernel is given, at any
+    weight including 0, makes the output non-finite or the kernel raise). With the last one
+    the engine checks inputs through the output (one pass instead of one per input)."""
     source: str = ""
     validate: Callable[[dict[str, Any], int | None], dict[str, Any]] | None = None
     """Optional cross-parameter check run at the end of :meth:`validate_params` (e.g. a
@@ -313,6 +357,7 @@ class MethodSpec:
             "base": c.base,
             "min_experts": c.min_experts,
             "max_experts": c.max_experts,
+            "min_models": c.min_models,
             "per_expert_weights": c.per_expert_weights,
             "aux_inputs": list(self.aux_inputs),
             "params": [p.as_dict() for p in self.params],

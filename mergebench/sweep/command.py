@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .. import store
 from ..methods import get_method
 from .estimate import estimate, measured_rates
 from .executors import LocalExecutor, RayExecutor, SweepStats, UnitResources, run_sweep
@@ -94,6 +95,7 @@ def execute(req: SweepRequest, console: Console, out: Console) -> int:
     def log(m: str) -> None:
         console.print(m, highlight=False, markup=False)
 
+    store.check_results_dir(req.results, writable=not req.dry_run)  # before anything is planned or started
     specs = [get_method(m) for m in req.methods]
     if not specs:
         raise ValueError("--methods names no method")

@@ -272,6 +272,8 @@ def run_sweep(
                         log(f"{job.label:<48} {score}({outcome.seconds:.0f} s, {outcome.host})")
                     else:
                         stats.skipped += 1
+                        if outcome.note:  # claimed by a concurrent run: it stores the unit
+                            log(f"skipped {job.label}: {outcome.note}")
             bar.update(stats.done + stats.skipped, len(stats.failed))
 
         if todo:

@@ -4,7 +4,9 @@
 idempotent: it returns at once when the unit's rows are already stored, and it writes with
 ``store.write_unit(..., exclusive=True)``, whose file is named by the unit's content hash alone,
 so a retried attempt, a duplicated task or a second sweep racing on the same unit can never store
-its rows twice. It runs in the driver (local executor) or in a Ray worker on any node.
+its rows twice; and it computes a unit only under its :func:`mergebench.store.claim_unit`, so a
+unit that another live process is computing is skipped (reported) instead of computed twice. It
+runs in the driver (local executor) or in a Ray worker on any node.
 
 On a node where the driver's model paths do not exist (another machine), :func:`node_plan`
 resolves the pool there once per worker process: the embedded pool is materialized under a
@@ -35,7 +37,8 @@ __all__ = ["UnitOutcome", "node_plan", "run_job"]
 
 @dataclass(frozen=True)
 class UnitOutcome:
-    """What a worker reports back: ``done`` (rows written by this call) or ``skipped`` (already stored)."""
+    """What a worker reports back: ``done`` (rows written by this call) or ``skipped`` (already
+    stored, or ``note``: being computed by another process, which holds its claim)."""
 
     unit_id: str
     status: Literal["done", "skipped"]
@@ -43,6 +46,7 @@ class UnitOutcome:
     host: str
     pid: int
     score: float | None = None
+    note: str | None = None
 
 
 _NODE_PATHS: dict[tuple, dict[str, str]] = {}
@@ -123,6 +127,23 @@ def run_job(
     uid = wu.unit.unit_id
     if store.has_unit(uid, results_dir):
         return UnitOutcome(uid, "skipped", time.perf_counter() - t0, host, pid)
+    with store.claim_unit(uid, results_dir, run_id=run_id) as claim:  # no second process computes it meanwhile
+        if not claim:
+            return UnitOutcome(uid, "skipped", time.perf_counter() - t0, host, pid,
+                               note=f"being computed by {claim.holder}")
+        if store.has_unit(uid, results_dir):  # finished by another process since the check above
+            return UnitOutcome(uid, "skipped", time.perf_counter() - t0, host, pid)
+        frame, record = _compute(plan, wu, provenance, device=device, threads=threads, host=host, pid=pid)
+        res = store.write_unit(wu.unit, frame, run_id=run_id, results_dir=results_dir, provenance=record,
+                               exclusive=True)
+    score = runner._headline(frame, wu.tasks)
+    return UnitOutcome(uid, "done" if res.written else "skipped", time.perf_counter() - t0, host, pid,
+                       None if math.isnan(score) else float(score))
+
+
+def _compute(plan: EvalPlan, wu: WorkUnit, provenance: Mapping[str, Any], *, device: str, threads: int | None,
+             host: str, pid: int):
+    """Merge and evaluate one unit: (rows frame, provenance record)."""
     import pandas as pd
     import torch
 
@@ -133,8 +154,4 @@ def run_job(
         rows, prov = runner._run_unit(plan, wu, device=device, batch_size=plan.profile.eval.batch_size,
                                       quiet=True)
     frame = metrics.add_normalized(pd.DataFrame(rows))
-    record = {**dict(_environment(device)), **prov, "host": host, "pid": pid, **dict(provenance)}
-    res = store.write_unit(wu.unit, frame, run_id=run_id, results_dir=results_dir, provenance=record, exclusive=True)
-    score = runner._headline(frame, wu.tasks)
-    return UnitOutcome(uid, "done" if res.written else "skipped", time.perf_counter() - t0, host, pid,
-                       None if math.isnan(score) else float(score))
+    return frame, {**dict(_environment(device)), **prov, "host": host, "pid": pid, **dict(provenance)}

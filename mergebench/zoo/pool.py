@@ -10,7 +10,11 @@ and one on plain news text. Experts 1-3 are the homogeneous math set, 4-6 the me
 * ``build``       trains every expert (committed data + seeds -> adapters), fp16 adapters +
                    a manifest with hyperparameters, final loss, validation scores and sha256.
 * ``materialize`` base + adapters -> ordinary full-weight HF folders in the cache
-                   (verifying sha256s), so every merge method sees plain checkpoints.
+                   (verifying sha256s), so every merge method sees plain checkpoints. Each
+                   folder records the sha256, size and mtime of its weight files
+                   (``mergebench_weights.json``); :func:`check_materialized` compares them
+                   whenever the pool is located (size + mtime, the full sha256 when they
+                   changed), so a damaged materialized model is an error, not a silent score.
 """
 
 from __future__ import annotations
@@ -24,10 +28,27 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import MergebenchError
 from .train import ExpertSpec
 
 POOL_NAME = "smol"
 MANIFEST_NAME = "pool.json"
+WEIGHTS_RECORD = "mergebench_weights.json"
+EXPERT_STAMP = "mergebench_expert.json"
+REPAIR = "mergebench zoo materialize --force"
+
+
+class ZooError(MergebenchError, ValueError):
+    """The embedded pool's committed files or its materialized models cannot be used."""
+
+
+class UnknownExpertError(ZooError, KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message
+        return str(self.args[0])
+
+
+class MaterializedModelError(ZooError):
+    """A materialized model's weight files changed after materialization (its message says how to rebuild it)."""
 
 M, MED, GEN = "math", "medical", "general"
 
@@ -67,7 +88,7 @@ def expert_spec(name: str) -> ExpertSpec:
     for spec in EXPERTS:
         if spec.name == name:
             return spec
-    raise KeyError(f"no expert {name!r} in the {POOL_NAME} pool; experts: {', '.join(s.name for s in EXPERTS)}")
+    raise UnknownExpertError(f"no expert {name!r} in the {POOL_NAME} pool; experts: {', '.join(s.name for s in EXPERTS)}")
 
 
 def pool_dir() -> Path:
@@ -84,8 +105,11 @@ def manifest_path() -> Path:
 def read_manifest() -> dict:
     path = manifest_path()
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: build the pool with `mergebench zoo build`")
-    return json.loads(path.read_text())
+        raise ZooError(f"{path} is missing: build the pool with `mergebench zoo build`")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ZooError(f"{path} is not valid JSON ({exc}); restore it from the repository") from None
 
 
 def _sha256(path: Path) -> str:
@@ -229,7 +253,7 @@ def verify_adapters(manifest: dict | None = None) -> None:
             elif _sha256(path) != sha:
                 bad.append(f"{path} has sha256 {_sha256(path)[:12]}..., the manifest says {sha[:12]}...")
     if bad:
-        raise ValueError("the embedded pool's adapters do not match suites/embedded/experts/pool.json:\n  " + "\n  ".join(bad))
+        raise ZooError(f"the embedded pool's adapters do not match {manifest_path()}: " + "; ".join(bad))
 
 
 def materialized_path(name: str, cache_dir: Path | None = None) -> Path:
@@ -240,42 +264,189 @@ def materialized_path(name: str, cache_dir: Path | None = None) -> Path:
     return root / BASE_NAME if name == "base" else root / POOL_NAME / name
 
 
-def _is_materialized(folder: Path, adapter_sha: dict) -> bool:
-    stamp = folder / "mergebench_expert.json"
-    return stamp.is_file() and json.loads(stamp.read_text()).get("adapter_files") == adapter_sha
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
-def materialize(cache_dir: Path | None = None, names: list[str] | None = None, log=print) -> dict[str, Path]:
-    """Base + adapters -> full-weight HF folders in the cache (idempotent, atomic per expert)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling renamed into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+
+
+def record_weights(folder: Path, digests: dict[str, str] | None = None) -> dict:
+    """Record sha256, size and mtime of ``folder``'s weight files in its ``mergebench_weights.json``
+    (``digests``: sha256s already known, e.g. from the base's own manifest)."""
+    files = {}
+    for p in _weight_files(folder):
+        st = p.stat()
+        sha = (digests or {}).get(p.name) or _sha256(p)
+        files[p.name] = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    record = {"format": 1, "files": files}
+    _write_json(folder / WEIGHTS_RECORD, record)
+    return record
+
+
+def _is_complete(name: str, folder: Path) -> bool:
+    """``folder`` was fully written by materialization from the committed files (not stale)."""
+    if name == "base":
+        from .base import verify_base
+
+        return verify_base(folder, check_files=False)
+    stamp = _read_json(folder / EXPERT_STAMP)
+    try:
+        entry = read_manifest()["experts"].get(name)
+    except ZooError:
+        return False
+    return stamp is not None and entry is not None and stamp.get("adapter_files") == entry.get("files")
+
+
+def check_materialized(name: str, folder: Path, full: bool = False) -> bool:
+    """True when ``folder`` is a complete, intact materialization of ``name`` (``base`` or an
+    expert); False when it is absent, incomplete or stale (its adapters changed since; ``mergebench
+    zoo materialize`` rebuilds it).
+
+    Weight files are compared with ``mergebench_weights.json``: a file whose size and mtime are
+    the recorded ones is taken as intact, otherwise (or always, with ``full``) its sha256 is
+    computed. A changed file raises :class:`MaterializedModelError` naming the model, the file
+    and the command that rebuilds it. A folder materialized before weights were recorded gets
+    its record now: the base after a full check against its own manifest, an expert from the
+    files as they are (the trust it had before).
+    """
+    folder = Path(folder)
+    if not _is_complete(name, folder):
+        return False
+
+    def damaged(why: str) -> MaterializedModelError:
+        return MaterializedModelError(
+            f"materialized embedded model {name!r} is damaged: {why} since it was materialized; "
+            f"rebuild it with `{REPAIR}`"
+        )
+
+    record = _read_json(folder / WEIGHTS_RECORD)
+    if record is None or not record.get("files"):
+        return _adopt(name, folder, damaged)
+
+    files = record["files"]
+    extra = sorted(p.name for p in _weight_files(folder) if p.name not in files)
+    if extra:
+        raise damaged(f"weight file(s) {', '.join(str(folder / n) for n in extra)} appeared")
+    refreshed = False
+    for fname, rec in files.items():
+        path = folder / fname
+        if not path.is_file():
+            raise damaged(f"{path} was removed")
+        st = path.stat()
+        if st.st_size != rec.get("size"):
+            raise damaged(f"{path} changed size ({rec.get('size')} -> {st.st_size} bytes)")
+        if not full and st.st_mtime_ns == rec.get("mtime_ns"):
+            continue
+        digest = _sha256(path)
+        if digest != rec.get("sha256"):
+            raise damaged(f"{path} changed content (sha256 {str(rec.get('sha256'))[:12]}... -> {digest[:12]}...)")
+        if st.st_mtime_ns != rec.get("mtime_ns"):
+            rec["mtime_ns"], refreshed = st.st_mtime_ns, True
+    if refreshed:  # same content, new mtime (copied, touched): the fast path applies again next time
+        try:
+            _write_json(folder / WEIGHTS_RECORD, record)
+        except OSError:
+            pass
+    return True
+
+
+def _adopt(name: str, folder: Path, damaged) -> bool:
+    """Record the weights of a folder materialized before records existed (see check_materialized)."""
+    digests = None
+    if name == "base":
+        from .base import MANIFEST as BASE_MANIFEST
+        from .base import verify_base
+
+        if not verify_base(folder, check_files=True):
+            raise damaged(f"{folder} no longer matches its {BASE_MANIFEST}")
+        digests = (_read_json(folder / BASE_MANIFEST) or {}).get("files")
+    try:
+        record_weights(folder, digests)
+    except OSError:  # a read-only cache: checked as before records existed
+        pass
+    return True
+
+
+def _needs_build(name: str, folder: Path, force: bool, full: bool) -> bool:
+    """Whether ``materialize`` must (re)build ``name``: a damaged model is rebuilt with ``force``
+    and otherwise an error."""
+    try:
+        return not check_materialized(name, folder, full=full)
+    except MaterializedModelError:
+        if not force:
+            raise
+        return True
+
+
+def materialize(
+    cache_dir: Path | None = None,
+    names: list[str] | None = None,
+    log=print,
+    *,
+    force: bool = False,
+    full_check: bool = False,
+) -> dict[str, Path]:
+    """Base + adapters -> full-weight HF folders in the cache (idempotent, atomic per expert).
+
+    A model already materialized is checked against its weight record (``full_check``: by
+    sha256 of every file); a damaged one is an error, or rebuilt with ``force``.
+    transformers' own loading/saving progress bars are hidden (``log`` reports each model).
+    """
+    from ..evaluate import quiet_progress_bars
+    from .base import MANIFEST as BASE_MANIFEST
     from .base import default_cache_dir, materialize_base
 
     manifest = read_manifest()
     verify_adapters(manifest)
+    todo = names or list(manifest["experts"])
+    for name in todo:
+        if name not in manifest["experts"]:
+            expert_spec(name)  # an unknown name: the error lists the pool's experts
+            raise ZooError(f"expert {name!r} is not built yet: run `mergebench zoo build --experts {name}`")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    base = materialize_base(cache)
-    paths = {"base": base}
-    tok = None
-    for name in names or list(manifest["experts"]):
-        entry = manifest["experts"][name]
-        target = materialized_path(name, cache)
-        paths[name] = target
-        if _is_materialized(target, entry["files"]):
-            continue
-        t0 = time.perf_counter()
-        tok = tok or AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(model, pool_dir() / name).merge_and_unload()
-        with _atomic_folder(target) as tmp:
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            stamp = {"pool": POOL_NAME, "expert": name, "tags": entry["tags"], "adapter_files": entry["files"]}
-            (tmp / "mergebench_expert.json").write_text(json.dumps(stamp, indent=1))
-        log(f"materialized {name} in {time.perf_counter() - t0:.1f} s -> {target}")
+    with quiet_progress_bars():
+        if not force:  # a damaged base is an error; materialize_base rebuilds one that differs from its manifest
+            check_materialized("base", materialized_path("base", cache), full=full_check)
+        base = materialize_base(cache)
+        record_weights(base, (_read_json(base / BASE_MANIFEST) or {}).get("files"))
+        paths = {"base": base}
+        for name in todo:
+            target = materialized_path(name, cache)
+            paths[name] = target
+            if _needs_build(name, target, force, full_check):
+                _materialize_expert(name, manifest["experts"][name], base, target, log)
     return paths
+
+
+def _materialize_expert(name: str, entry: dict, base: Path, target: Path, log) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, pool_dir() / name).merge_and_unload()
+    with _atomic_folder(target) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        stamp = {"pool": POOL_NAME, "expert": name, "tags": entry["tags"], "adapter_files": entry["files"]}
+        (tmp / EXPERT_STAMP).write_text(json.dumps(stamp, indent=1))
+        record_weights(tmp)
+    log(f"materialized {name} in {time.perf_counter() - t0:.1f} s -> {target}")
 
 
 def verify(
@@ -299,7 +470,7 @@ def verify(
     from ..sampling import doc_sample, samples_argument
     from . import tasks as embedded
 
-    paths = materialize(cache_dir, names, log=log)
+    paths = materialize(cache_dir, names, log=log, full_check=True)  # every weight file by sha256
     task_list = embedded.task_names()
     info = embedded.task_info()
     samples = samples_argument(

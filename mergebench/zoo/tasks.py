@@ -100,11 +100,21 @@ def training_text(row: dict, use_solution: bool = False) -> list[tuple[str, str]
     return out
 
 
-_TMP: dict[tuple[str, str], tempfile.TemporaryDirectory] = {}
+_TMP: dict[tuple[str, str], tempfile.TemporaryDirectory | Path] = {}
 
 
 def _yaml_dir(split: str) -> Path:
-    """A private folder of the task YAML with absolute paths to ``split`` (built once per process)."""
+    """A private folder of the task YAML with absolute paths to ``split`` (built once per process).
+
+    Every such folder of a process lives in one ``mergebench-tasks-pid<pid>-*`` folder of the
+    temp directory, removed when the process exits; the first call of a process also removes
+    the ones left by processes that were killed (dead pid; folders of older versions, named
+    ``mergebench-tasks-<split>-*``, once a day old).
+    """
+    import re
+    import shutil
+    import time
+
     import yaml
 
     if split not in SPLITS:
@@ -112,7 +122,24 @@ def _yaml_dir(split: str) -> Path:
     root = embedded_dir()
     key = (str(root), split)
     if key not in _TMP:
-        tmp = tempfile.TemporaryDirectory(prefix=f"mergebench-tasks-{split}-")
+        own = ("pid", str(os.getpid()))
+        if own not in _TMP:
+            for old in Path(tempfile.gettempdir()).glob("mergebench-tasks-*"):
+                m = re.match(r"mergebench-tasks-(?:pid(\d+)-|(?:train|validation|test)-)", old.name)
+                try:
+                    if m is None or (m.group(1) is None and time.time() - old.stat().st_mtime < 86400):
+                        continue
+                    if m.group(1) is not None:
+                        os.kill(int(m.group(1)), 0)  # raises if no such process
+                        continue
+                except ProcessLookupError:
+                    pass
+                except OSError:  # alive under another user, or vanished
+                    continue
+                shutil.rmtree(old, ignore_errors=True)
+            _TMP[own] = tempfile.TemporaryDirectory(prefix=f"mergebench-tasks-pid{os.getpid()}-")
+        tmp = Path(_TMP[own].name) / f"{split}-{len(_TMP)}"
+        tmp.mkdir()
         for src in sorted((root / "tasks").glob("*.yaml")):
             cfg = yaml.safe_load(src.read_text())
             files = cfg.get("dataset_kwargs", {}).get("data_files", {})
@@ -121,9 +148,9 @@ def _yaml_dir(split: str) -> Path:
                 files[k] = str((root / "data" / rel_split).resolve())
                 if not Path(files[k]).is_file():
                     raise FileNotFoundError(f"{src.name}: data file {files[k]} is missing")
-            (Path(tmp.name) / src.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+            (tmp / src.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
         _TMP[key] = tmp
-    return Path(_TMP[key].name)
+    return _TMP[key]
 
 
 def task_manager(split: str = "test"):

@@ -19,7 +19,10 @@ from mergebench.methods import InputContract, Param, method
 )
 def median(base, experts, weights, params, ctx):
     """Base plus lambda times the element-wise median of the task vectors."""
-    ranked = torch.stack([e - base for e in experts]).sort(dim=0).values  # (N, *shape)
+    deltas = torch.stack([e - base for e in experts])  # (N, *shape)
+    ranked = deltas.sort(dim=0).values
     n = len(experts)
     median_delta = (ranked[(n - 1) // 2] + ranked[n // 2]) / 2  # mean of the two middles for even N
-    return base + params["lambda"] * median_delta
+    merged = base + params["lambda"] * median_delta
+    # sorting moves NaN/inf to the ends, where a median never looks: keep them visible
+    return merged.masked_fill(~deltas.isfinite().all(dim=0), float("nan"))

@@ -1,0 +1,146 @@
+"""How long units take: rates measured on the machine at hand, refined as a run goes.
+
+A unit costs a merge (merged units) plus scoring its documents. Both rates are read from the
+provenance of units already stored for the same pool: first those measured on this CPU model
+with the same thread count and scorer, then any of the same device kind and scorer; only without
+any such unit are they assumed (the figures of the embedded 135M pool on 2 AMD EPYC cores).
+During a run, :class:`Pace` replaces them with what the run's own units measured, so the ETA of
+``mergebench eval`` (and of ``sweep``) converges on this machine's real speed after one unit.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import store
+
+__all__ = ["ASSUMED_SECONDS_PER_DOC", "ASSUMED_SECONDS_PER_MERGE", "ASSUMED_SECONDS_PER_UNIT", "Pace", "Rates", "format_duration",
+           "measured_rates"]
+
+# Measured: `mergebench eval --method karcher --suite inthewild` on 2 idle AMD EPYC cores, 2 threads,
+# prefix-sharing scorer (SmolLM2-135M, 540 documents per unit).
+ASSUMED_SECONDS_PER_DOC = 0.035
+ASSUMED_SECONDS_PER_MERGE = 3.0
+ASSUMED_SECONDS_PER_UNIT = 4.0  # loading or materializing the model, its task-vector norm, writing rows
+
+
+@dataclass(frozen=True)
+class Rates:
+    seconds_per_doc: float
+    seconds_per_merge: float
+    basis: str
+    units_measured: int = 0
+    peak_rss_bytes: int | None = None
+    seconds_per_unit: float = ASSUMED_SECONDS_PER_UNIT  # what a unit costs beyond its merge and scoring
+
+
+def _device_kind(device: str | None) -> str:
+    return "cuda" if (device or "cpu").startswith("cuda") else "cpu"
+
+
+_QUERY = """
+    WITH per_task AS (SELECT unit_id, any_value(pool) AS pool, any_value(role) AS role, task,
+                             max(n_docs) AS n_docs FROM results GROUP BY unit_id, task),
+         units AS (SELECT unit_id, any_value(pool) AS pool, any_value(role) AS role, sum(n_docs) AS docs
+                   FROM per_task GROUP BY unit_id)
+    SELECT u.unit_id, u.role, u.docs, any_value(p.merge_wall_s) AS merge_s, any_value(p.eval_wall_s) AS eval_s,
+           any_value(p.unit_wall_s) AS unit_s,
+           any_value(p.merge_peak_rss_bytes) AS rss, any_value(p.device) AS device,
+           any_value(p.cpu_model) AS cpu_model, any_value(p.threads) AS threads, any_value(p.scorer) AS scorer
+    FROM units u JOIN provenance p ON p.unit_id = u.unit_id
+    WHERE u.pool = ? AND p.eval_wall_s IS NOT NULL AND u.docs > 0
+    GROUP BY u.unit_id, u.role, u.docs"""
+
+
+def measured_rates(results_dirs: Iterable[str | os.PathLike], pool: str, device: str = "cpu", *,
+                   scorer: str = "shared", threads: int | None = None) -> Rates:
+    """Timing rates of ``pool`` on ``device``'s kind from the stores' provenance (else assumed):
+    units of this CPU model and thread count first, then any of the device kind; always of
+    ``scorer`` (units stored before the scorer was recorded count as lm-eval's stock ``hflm``)."""
+    import pandas as pd
+
+    frames = []
+    for d in results_dirs:
+        if not (Path(d) / "provenance").is_dir():
+            continue
+        with store.connect(d, include_paper=False) as con, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=Warning)
+            frames.append(con.execute(_QUERY, [pool]).df())
+    d = pd.concat(frames, ignore_index=True).drop_duplicates("unit_id") if frames else pd.DataFrame()
+    kind = _device_kind(device)
+    if len(d):
+        d = d[(d["device"].fillna("cpu").map(_device_kind) == kind) & (d["scorer"].fillna("hflm") == scorer)]
+    basis = f"{len(d)} stored unit(s) of pool {pool!r} on {kind}, {scorer} scorer"
+    if len(d) and kind == "cpu":
+        here = store.collect_environment("cpu")["cpu_model"]
+        same = d[(d["cpu_model"] == here) & (d["threads"] == (threads or _torch_threads()))]
+        if len(same):
+            d, basis = same, f"{len(same)} stored unit(s) of pool {pool!r} on this CPU ({here}), " \
+                             f"{threads or _torch_threads()} thread(s), {scorer} scorer"
+    if d.empty:
+        return Rates(ASSUMED_SECONDS_PER_DOC, ASSUMED_SECONDS_PER_MERGE,
+                     f"assumed: embedded 135M pool on 2 AMD EPYC cores; no stored timings of pool {pool!r} on {kind} "
+                     f"with the {scorer} scorer")
+    merges = d[d["role"] == "merged"]["merge_s"].dropna()
+    rss = d["rss"].dropna()
+    overhead = (d["unit_s"] - d["eval_s"] - d["merge_s"].fillna(0.0)).dropna()
+    return Rates(
+        seconds_per_doc=float(d["eval_s"].sum() / d["docs"].sum()),
+        seconds_per_merge=float(merges.median()) if len(merges) else ASSUMED_SECONDS_PER_MERGE,
+        basis="measured from " + basis + ("" if len(merges) else " (merge time assumed)"),
+        units_measured=len(d),
+        peak_rss_bytes=int(rss.max()) if len(rss) else None,
+        seconds_per_unit=float(overhead.clip(lower=0).median()) if len(overhead) else ASSUMED_SECONDS_PER_UNIT,
+    )
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@dataclass
+class Pace:
+    """Seconds per document, per merge and per unit for ETAs: ``prior`` until this run has
+    measured its own (then the run's own means)."""
+
+    prior: Rates
+    docs: int = 0
+    eval_seconds: float = 0.0
+    merge_times: list[float] = field(default_factory=list)
+    overheads: list[float] = field(default_factory=list)
+
+    def observe(self, docs: int, eval_seconds: float, unit_seconds: float, merge_seconds: float | None = None) -> None:
+        self.docs += docs
+        self.eval_seconds += eval_seconds
+        if merge_seconds is not None:
+            self.merge_times.append(merge_seconds)
+        self.overheads.append(max(0.0, unit_seconds - eval_seconds - (merge_seconds or 0.0)))
+
+    @property
+    def seconds_per_doc(self) -> float:
+        return self.eval_seconds / self.docs if self.docs else self.prior.seconds_per_doc
+
+    @property
+    def seconds_per_merge(self) -> float:
+        return sum(self.merge_times) / len(self.merge_times) if self.merge_times else self.prior.seconds_per_merge
+
+    @property
+    def seconds_per_unit(self) -> float:
+        return sum(self.overheads) / len(self.overheads) if self.overheads else self.prior.seconds_per_unit
+
+    def unit_seconds(self, docs: int, merged: bool) -> float:
+        return docs * self.seconds_per_doc + (self.seconds_per_merge if merged else 0.0) + self.seconds_per_unit
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
