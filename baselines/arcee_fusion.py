@@ -89,6 +89,8 @@ def tukey_threshold(scores: torch.Tensor, k: float) -> torch.Tensor:
         "M. McQuade and J. Solawetz. Arcee's MergeKit: A Toolkit for Merging Large Language Models. In Proceedings "
         "of EMNLP 2024: Industry Track, pp. 477-485, 2024."
     ),
+    paper="arcee_fusion2025",
+    related_papers=("mergekit2024",),
     params=[
         Param(
             "tukey_k", "float", 1.5, ge=0.0,

@@ -1,4 +1,4 @@
-"""Linear averaging / model soup (Wortsman et al., 2022; seed 004 "LA")."""
+"""Linear averaging / model soup (Wortsman et al., 2022; "LA" in the merging-collapse study)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from ._common import weighted_sum, weights_for
 @method(
     "linear",
     citation="Wortsman et al., 2022. Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time. ICML.",
+    paper="model_soups2022",
     params=[Param("normalize", "bool", True, help="divide by the sum of weights (a weighted mean)")],
     contract=InputContract(base="unused", min_experts=1, weights_normalized="normalize"),
     granularity="elementwise",

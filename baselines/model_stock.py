@@ -96,8 +96,10 @@ def _filterwise(base: torch.Tensor, experts: Sequence[torch.Tensor], acc: torch.
         "D.-H. Jang, S. Yun and D. Han. Model Stock: All we need is just a few fine-tuned models. "
         "In European Conference on Computer Vision (ECCV), 2024. arXiv:2403.19522. "
         "As written in: A Systematic Study of In-the-Wild Model Merging for Large Language Models "
-        "(anonymous, under review; mergebench seed 001), eq. 4."
+        "(anonymous, under review), eq. 4."
     ),
+    paper="model_stock2024",
+    related_papers=("inthewild",),
     version="2.0",
     params=[
         Param("filter_wise", "bool", False, help="one t per row (last dimension) instead of one per tensor (mergekit)"),

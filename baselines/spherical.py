@@ -11,7 +11,7 @@ merged tensor comes back in the experts' dtype and device.
 
 Conventions shared by the family (and where they differ from mergekit 0.1.5):
 
-* One angle per tensor (the whole tensor is one vector, as in seed 003 Alg. 1 and seed 000
+* One angle per tensor (the whole tensor is one vector, as in the layer-adaptive SLERP paper's Alg. 1 and the Fisher–Rao merging paper
   Sec. 3.4), as mergekit 0.1.5's ``slerp`` also does.
 * SLERP's two norm conventions agree when the two tensors have equal norms. With unequal
   norms ``raw`` does not stay on the great circle between the directions' scales (its norm
@@ -38,20 +38,19 @@ SHOEMAKE_1985 = (
     "K. Shoemake. Animating rotation with quaternion curves. In Proceedings of the 12th Annual Conference on "
     "Computer Graphics and Interactive Techniques (SIGGRAPH '85), pp. 245-254, 1985."
 )
-RAGE_SEED003 = (
+LAYER_ADAPTIVE_SLERP_PAPER = (
     "L. Rage, Y. Lalain, M. Escriva, M. Roberge, P. Lemaistre, A.-L. Rochet, G. Reus and B. P. Bhuyan. "
     "Geometric Model Merging for Efficient and Scalable Adaptation of Large Language Models "
-    "(Layer-Adaptive SLERP). IEEE-format manuscript, ECE Paris / Racine.ai / Universite Paris-Saclay "
-    "(mergebench seed 003)."
+    "(Layer-Adaptive SLERP). IEEE-format manuscript, ECE Paris / Racine.ai / Universite Paris-Saclay."
 )
 MERGEKIT = (
     "C. Goddard, S. Siriwardhana, M. Ehghaghi, L. Meyers, V. Karpukhin, B. Benedict, M. McQuade and "
     "J. Solawetz. Arcee's MergeKit: A Toolkit for Merging Large Language Models. In Proceedings of the 2024 "
     "Conference on Empirical Methods in Natural Language Processing: Industry Track, pp. 477-485, 2024."
 )
-WANG_2026 = (
+KARCHER_MERGING_PAPER = (
     "J. Wang, Z. Ye and W. Yin. Functionality-Oriented LLM Merging on the Fisher-Rao Manifold. "
-    "arXiv:2603.04972, 2026 (mergebench seed 000)."
+    "arXiv:2603.04972, 2026."
 )
 KARCHER_1977 = (
     "H. Karcher. Riemannian center of mass and mollifier smoothing. Communications on Pure and Applied "
@@ -101,7 +100,7 @@ def _angle(dot: float, na: float, nb: float) -> float | None:
 
 
 def _slerp_coefficients(omega: float, t: float, eps: float) -> tuple[float, float]:
-    """Seed 003 eq. 3 coefficients with the angle clipped to [eps, pi - eps].
+    """The layer-adaptive SLERP paper's eq. 3 coefficients with the angle clipped to [eps, pi - eps].
 
     Evaluated in float64 on the host. Clipping keeps sin(omega) >= sin(eps) > 0, and near
     both ends the ratios stay finite and continuous: for omega <= eps they tend to
@@ -157,7 +156,7 @@ def _slerp_pair(
 _T = Param("t", "float", 0.5, ge=0.0, le=1.0, help="interpolation coefficient: 0 gives experts[0], 1 gives experts[1]")
 _EPS = Param(
     "epsilon", "float", 1e-6, gt=0.0, lt=math.pi / 2,
-    help="angle clipping: omega is clipped to [epsilon, pi - epsilon] (seed 003)",
+    help="angle clipping: omega is clipped to [epsilon, pi - epsilon] (layer-adaptive SLERP)",
 )
 _NORM = Param(
     "norm", "str", "raw", choices=NORM_MODES,
@@ -177,7 +176,9 @@ _BASE_AND_ONE_OR_TWO = InputContract(
 @method(
     "slerp",
     version="2.0",
-    citation=f"{SHOEMAKE_1985} Applied to LLM weights as in: {RAGE_SEED003} (eq. 3, Alg. 1)",
+    citation=f"{SHOEMAKE_1985} Applied to LLM weights as in: {LAYER_ADAPTIVE_SLERP_PAPER} (eq. 3, Alg. 1)",
+    paper="slerp1985",
+    related_papers=("layer_adaptive_slerp",),
     params=[_T, _EPS, _NORM],
     contract=_BASE_AND_ONE_OR_TWO,
     granularity="tensor",
@@ -254,7 +255,7 @@ _MEAN_ANGLE_CACHE: tuple[object, int, float | None] | None = None
 
 
 def mean_layer_angle(model_stats: Mapping[str, Mapping[str, float]]) -> float | None:
-    """Mean layer angle (seed 003 Sec. III-A, omega-bar) from the prepass statistics.
+    """Mean layer angle (the layer-adaptive SLERP paper's Sec. III-A, omega-bar) from the prepass statistics.
 
     omega_l is the angle between the two parents' *whole layer l* (all tensors of the layer
     concatenated, as in Alg. 1 line 2), rebuilt exactly from per-tensor dot products and
@@ -291,7 +292,8 @@ def mean_layer_angle(model_stats: Mapping[str, Mapping[str, float]]) -> float | 
 @method(
     "layer_adaptive_slerp",
     version="2.0",
-    citation=RAGE_SEED003 + " Sec. III-A, eq. 4 and Alg. 1.",
+    citation=LAYER_ADAPTIVE_SLERP_PAPER + " Sec. III-A, eq. 4 and Alg. 1.",
+    paper="layer_adaptive_slerp",
     params=[
         Param(
             "t_attention", "floats", (0.0, 0.25, 0.5, 0.75, 1.0), ge=0.0, le=1.0,
@@ -320,7 +322,7 @@ def mean_layer_angle(model_stats: Mapping[str, Mapping[str, float]]) -> float | 
     properties={"idempotent", "nonfinite_propagates"},
 )
 def layer_adaptive_slerp(base, experts, weights, params, ctx):
-    """SLERP with a coefficient per layer and module type (seed 003 eq. 4, Alg. 1).
+    """SLERP with a coefficient per layer and module type (the layer-adaptive SLERP paper's eq. 4, Alg. 1).
 
     The coefficient of a tensor is its schedule evaluated at ``ctx.depth`` (layer / (L-1)),
     linearly interpolated between evenly spaced points: ``t_attention`` for attention
@@ -370,6 +372,8 @@ def layer_adaptive_slerp(base, experts, weights, params, ctx):
         "C. Goddard. Multi-SLERP (barycentric interpolation on a hypersphere), blog post, "
         "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea ; implemented in " + MERGEKIT
     ),
+    paper="multislerp",
+    related_papers=("mergekit2024",),
     params=[
         Param("normalize_weights", "bool", True, help="divide the per-expert weights by their sum"),
         Param("eps", "float", 1e-8, gt=0.0, help="a weighted mean direction shorter than this is degenerate"),
@@ -435,11 +439,13 @@ def multislerp(base, experts, weights, params, ctx):
 
 @method(
     "karcher",
-    citation=f"{WANG_2026} Secs. 3.3-3.4; the Riemannian centre of mass of {KARCHER_1977}",
+    citation=f"{KARCHER_MERGING_PAPER} Secs. 3.3-3.4; the Riemannian centre of mass of {KARCHER_1977}",
+    paper="karcher2026",
+    related_papers=("karcher1977",),
     params=[
         Param("max_iter", "int", 10, ge=1, help="maximum fixed-point iterations (mergekit's default)"),
         Param("tol", "float", 1e-5, gt=0.0, help="stop when the norm of the mean tangent vector is below this"),
-        Param("eta", "float", 1.0, gt=0.0, le=1.0, help="step size of the exponential-map update (seed 000 eq. 5)"),
+        Param("eta", "float", 1.0, gt=0.0, le=1.0, help="step size of the exponential-map update (Fisher–Rao merging paper, eq. 5)"),
     ],
     contract=InputContract(base="unused", min_experts=1, weights_normalized=True, nonnegative_weights=True),
     granularity="tensor",
@@ -447,13 +453,13 @@ def multislerp(base, experts, weights, params, ctx):
     properties={"idempotent", "order_invariant", "nonfinite_propagates"},
 )
 def karcher(base, experts, weights, params, ctx):
-    """Weighted Karcher mean on the unit sphere, rescaled by the mean norm (seed 000 Sec. 3.3-3.4).
+    """Weighted Karcher mean on the unit sphere, rescaled by the mean norm (the Fisher–Rao merging paper Sec. 3.3-3.4).
 
     Per tensor: u_i = theta_i / ||theta_i||; alpha = weights / sum(weights); start at the
     normalised weighted chordal mean; iterate v = sum_i alpha_i Log_m(u_i),
     m <- Exp_m(eta v) until ||v|| < tol or max_iter; return m * sum_i alpha_i ||theta_i||.
     Log_m(u) = omega / sin(omega) * (u - cos(omega) m) and Exp_m(v) = cos|v| m + sin|v| v/|v|.
-    The base is not used (seed 000's mean is over the given models; pass the base as an
+    The base is not used (the Fisher–Rao merging paper's mean is over the given models; pass the base as an
     expert to include it). mergekit 0.1.5 ignores per-model weights and counts a configured
     base as one more input; here the weights are honoured.
 
@@ -465,7 +471,7 @@ def karcher(base, experts, weights, params, ctx):
     Optional diagonal Fisher (``aux["fisher"]``, one nonnegative tensor per expert): the
     tangent mean becomes the elementwise Fisher-weighted mean
     sum_i alpha_i F_i * Log_m(u_i) / sum_i alpha_i F_i, projected back onto the tangent
-    space at m. This is mergebench's reading of seed 000's "natural-gradient-style
+    space at m. This is mergebench's reading of the Fisher–Rao merging paper's "natural-gradient-style
     preconditioning inside the log map"; coordinates where every F_i is zero use the plain
     weighted mean. Equal Fisher tensors give exactly the plain Karcher mean. This variant
     iterates on full vectors (buffers allocated once; convergence read on the host every

@@ -1,4 +1,4 @@
-"""Subspace merging: TSV-M, Iso-C and Subspace Boosting (seed 001 §4.1, eqs. 5-11).
+"""Subspace merging: TSV-M, Iso-C and Subspace Boosting (the in-the-wild merging study §4.1, eqs. 5-11).
 
 All three act on the SVD of per-layer task-update matrices. They only make sense for 2-D
 layer weights: 1-D tensors (norms, biases), tensors of other ranks and, unless
@@ -28,13 +28,15 @@ from ._common import weights_for
 
 _CITE_TSV = (
     "Gargiulo et al., 2025. Task Singular Vectors: Reducing Task Interference in Model Merging. CVPR. "
-    "(seed 001, eqs. 5-8)"
+    "(as written in the in-the-wild merging study, eqs. 5-8)"
 )
 _CITE_ISO = (
     "Marczak et al., 2025. No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
-    "Subspaces. ICML. (seed 001, eqs. 9-10)"
+    "Subspaces. ICML. (as written in the in-the-wild merging study, eqs. 9-10)"
 )
-_CITE_SB = "Skorobogat et al., 2025. Subspace-Boosted Model Merging. (seed 001, eq. 11)"
+_CITE_SB = (
+    "Skorobogat et al., 2025. Subspace-Boosted Model Merging. (as written in the in-the-wild merging study, eq. 11)"
+)
 
 INNER_METHODS = (
     "task_arithmetic",
@@ -118,7 +120,7 @@ def _svd(a: torch.Tensor):
 
 def _polar(a: torch.Tensor) -> torch.Tensor:
     """Closest matrix with orthonormal columns (or rows, if wide) in Frobenius norm:
-    ``P Q^T`` from ``a = P D Q^T`` (orthogonal Procrustes, seed 001 eq. 7)."""
+    ``P Q^T`` from ``a = P D Q^T`` (orthogonal Procrustes, the in-the-wild merging study eq. 7)."""
     p, _, qh = torch.linalg.svd(a, full_matrices=False)
     return p @ qh
 
@@ -134,6 +136,8 @@ def _finish(base: torch.Tensor, delta: torch.Tensor, lam: float, like: torch.Ten
 @method(
     "tsv_merge",
     citation=_CITE_TSV,
+    paper="tsvm2025",
+    related_papers=("inthewild",),
     params=[
         Param(
             "rank_fraction", "float", None, nullable=True, gt=0.0, le=1.0,
@@ -154,7 +158,7 @@ def tsv_merge(base, experts, weights, params, ctx):
     ``k = floor(rank_fraction * min(m, n))`` singular triplets (at least 1; default fraction
     1/T, so the concatenation has at most min(m, n) columns); the left and right bases are
     concatenated and replaced by their orthogonal polar factors, and
-    W = W0 + lambda * U_perp Sigma V_perp^T (seed 001 eqs. 5-8). The per-expert weights scale
+    W = W0 + lambda * U_perp Sigma V_perp^T (the in-the-wild merging study eqs. 5-8). The per-expert weights scale
     the singular values and do not change which directions are kept.
     1-D tensors, non-2-D tensors and (unless ``svd_embeddings``) embeddings / lm_head take task
     arithmetic with the same lambda: W0 + lambda * sum_i alpha_i delta_i (divided by
@@ -199,6 +203,8 @@ def tsv_merge(base, experts, weights, params, ctx):
 @method(
     "iso_c",
     citation=_CITE_ISO,
+    paper="isoc2025",
+    related_papers=("inthewild",),
     params=[_P_LAMBDA, _P_SVD_EMB, _P_FALLBACK_MEAN],
     contract=InputContract(base="required", min_experts=1, weights_normalized="fallback_mean"),
     granularity="matrix",
@@ -209,7 +215,7 @@ def iso_c(base, experts, weights, params, ctx):
 
     For each 2-D weight, dW_TA = sum_i alpha_i delta_i = U diag(sigma) V^T; the r numerically
     nonzero singular values (sigma_j > max(m, n) * eps * sigma_1) are all replaced by their
-    mean and W = W0 + lambda * sigma_bar U_r V_r^T (seed 001 eqs. 9-10). The authors' code
+    mean and W = W0 + lambda * sigma_bar U_r V_r^T (the in-the-wild merging study eqs. 9-10). The authors' code
     averages over all min(m, n) values; the two agree whenever dW_TA has full rank (the usual
     case for full fine-tunes) and differ for rank-deficient updates (e.g. LoRA experts), where
     inflating null directions would add arbitrary basis vectors.
@@ -235,7 +241,7 @@ def iso_c(base, experts, weights, params, ctx):
 
 
 def _boost(delta: torch.Tensor, beta: float) -> torch.Tensor:
-    """Subspace Boosting of ``delta`` (seed 001 eq. 11), written into ``delta``'s buffer.
+    """Subspace Boosting of ``delta`` (the in-the-wild merging study eq. 11), written into ``delta``'s buffer.
 
     j* = min{j : n_j >= beta} with n_j = sum_{i<=j} sigma_i / sum_i sigma_i over the r nonzero
     singular values; sigma_j for j > j* (j <= r) is raised to sigma_{j*}. Comparing the
@@ -348,6 +354,8 @@ _PASSTHROUGH_NAMES = tuple(p.name for p in _PASSTHROUGH)
 @method(
     "subspace_boosting",
     citation=_CITE_SB,
+    paper="subspace_boosting2025",
+    related_papers=("inthewild",),
     params=[
         Param(
             "base_method", "str", "task_arithmetic", choices=INNER_METHODS,
@@ -368,7 +376,7 @@ def subspace_boosting(base, experts, weights, params, ctx):
     """Subspace Boosting over a task-vector method: raise the weak tail of its update's spectrum.
 
     Runs ``base_method`` with its lambda forced to 1 to get dW = merged - W0, then for 2-D
-    weights boosts dW's spectrum (seed 001 eq. 11: with n_j the cumulative normalized sum of
+    weights boosts dW's spectrum (the in-the-wild merging study eq. 11: with n_j the cumulative normalized sum of
     singular values and j* = min{j : n_j >= beta}, sigma_j for j > j* becomes sigma_{j*}) and
     returns W0 + lambda * dW_boosted. Pass-through parameters left at None ('inherit' for
     ``rescale``) keep the wrapped method's defaults; setting one it does not have is an error. Marked stochastic because DARE/DELLA
@@ -384,7 +392,9 @@ def subspace_boosting(base, experts, weights, params, ctx):
 
 @method(
     "ta_sb",
-    citation=_CITE_SB + " Task Arithmetic + Subspace Boosting as in seed 001.",
+    citation=_CITE_SB + " Task Arithmetic + Subspace Boosting as in the in-the-wild merging study.",
+    paper="subspace_boosting2025",
+    related_papers=("task_arithmetic2023", "inthewild"),
     params=[
         _P_BETA,
         _P_LAMBDA,
@@ -397,7 +407,7 @@ def subspace_boosting(base, experts, weights, params, ctx):
     validate=_checks_inner(("normalize",), "task_arithmetic"),
 )
 def ta_sb(base, experts, weights, params, ctx):
-    """TA+SB: ``subspace_boosting`` over ``task_arithmetic`` (seed 001: beta 0.2, lambda 1).
+    """TA+SB: ``subspace_boosting`` over ``task_arithmetic`` (the in-the-wild merging study: beta 0.2, lambda 1).
 
     1-D tensors, non-2-D tensors and (unless ``svd_embeddings``) embeddings / lm_head are not
     boosted: they get the wrapped method's merge with the same lambda, W0 + lambda * dW (for
@@ -409,12 +419,14 @@ def ta_sb(base, experts, weights, params, ctx):
 
 @method(
     "ties_sb",
-    citation=_CITE_SB + " TIES-Merging + Subspace Boosting as in seed 001.",
+    citation=_CITE_SB + " TIES-Merging + Subspace Boosting as in the in-the-wild merging study.",
+    paper="subspace_boosting2025",
+    related_papers=("ties2023", "inthewild"),
     params=[
         _P_BETA,
-        Param("lambda", "float", 0.1, help="scale of the merged update (seed 001 uses 0.1 for TIES+SB)"),
+        Param("lambda", "float", 0.1, help="scale of the merged update (the in-the-wild merging study uses 0.1 for TIES+SB)"),
         Param("density", "float", 0.1, ge=0.0, le=1.0, per_expert=True,
-              help="fraction of each task vector TIES keeps (seed 001: top 10%)"),
+              help="fraction of each task vector TIES keeps (the in-the-wild merging study: top 10%)"),
         Param("normalize", "bool", None, nullable=True, help="passed to ties (None: its default)"),
         Param("consensus", "str", None, nullable=True, help="passed to ties (None: its default)"),
         _P_SVD_EMB,
@@ -425,7 +437,7 @@ def ta_sb(base, experts, weights, params, ctx):
     validate=_checks_inner(("density", "normalize", "consensus"), "ties"),
 )
 def ties_sb(base, experts, weights, params, ctx):
-    """TIES+SB: ``subspace_boosting`` over ``ties`` with seed 001's settings (lambda 0.1, density 0.1, beta 0.2).
+    """TIES+SB: ``subspace_boosting`` over ``ties`` with the in-the-wild merging study's settings (lambda 0.1, density 0.1, beta 0.2).
 
     1-D tensors, non-2-D tensors and (unless ``svd_embeddings``) embeddings / lm_head are not
     boosted: they get the wrapped method's merge with the same lambda, W0 + lambda * dW (for

@@ -9,7 +9,7 @@ base model), optionally sparsifies each of them, optionally elects one sign per 
 Parameter names and defaults follow mergekit 0.1.5 (``density``, ``gamma``, ``epsilon``,
 ``lambda``, ``normalize``, ``select_topk``); the choices ``consensus`` and ``rescale`` are
 mergebench's (see each method). ``density`` defaults to 1.0 as in mergekit, which disables
-sparsification: set it (e.g. 0.1 as in seed 001's TIES runs) to get the sparse method.
+sparsification: set it (e.g. 0.1 as in the in-the-wild merging study's TIES runs) to get the sparse method.
 
 Sparsification treats every tensor alike, 1-D norms and embeddings included (mergekit
 does the same): top-k / windows / variance selection pool the whole tensor; DELLA ranks
@@ -251,7 +251,9 @@ def _breadcrumbs_sparsifier(params, n, name) -> Sparsifier:
 
 @method(
     "task_arithmetic",
-    citation=TA_CITATION + " Normalized form: seed 001, App. C, eq. 12.",
+    citation=TA_CITATION + " Normalized form: the in-the-wild merging study, App. C, eq. 12.",
+    paper="task_arithmetic2023",
+    related_papers=("inthewild",),
     params=[LAMBDA, _normalize(False, _NORM_LINEAR)],
     contract=CONTRACT_MEAN,
     granularity="elementwise",
@@ -260,7 +262,7 @@ def _breadcrumbs_sparsifier(params, n, name) -> Sparsifier:
 def task_arithmetic(base, experts, weights, params, ctx):
     """Task arithmetic: theta_0 + lambda * sum_i alpha_i (theta_i - theta_0), optionally / sum_i alpha_i.
 
-    Seed 001 eq. 2; ``normalize`` gives App. C eq. 12 (mergekit's default is off, seed 001
+    The in-the-wild merging study eq. 2; ``normalize`` gives App. C eq. 12 (mergekit's default is off, the in-the-wild merging study
     ran with it on). A zero weight sum with ``normalize`` is an error, not silently 1.
     """
     return _linear_merge(base, experts, weights, params["lambda"], params["normalize"], ctx)
@@ -269,6 +271,7 @@ def task_arithmetic(base, experts, weights, params, ctx):
 @method(
     "ties",
     citation=TIES_CITATION,
+    paper="ties2023",
     params=[DENSITY, LAMBDA, _normalize(True, _NORM_TIES), CONSENSUS, RESCALE_DET],
     contract=CONTRACT,
     properties={"identity_on_base", "order_invariant", "idempotent", "nonfinite_propagates"},
@@ -288,6 +291,7 @@ def ties(base, experts, weights, params, ctx):
 @method(
     "dare_linear",
     citation=DARE_CITATION,
+    paper="dare2024",
     params=[KEEP_PROB, LAMBDA, _normalize(False, _NORM_LINEAR), RESCALE_RANDOM],
     contract=CONTRACT_MEAN,
     stochastic=True,
@@ -307,6 +311,8 @@ def dare_linear(base, experts, weights, params, ctx):
 @method(
     "dare_ties",
     citation=DARE_CITATION + _WITH_TIES,
+    paper="dare2024",
+    related_papers=("ties2023",),
     params=[KEEP_PROB, LAMBDA, _normalize(False, _NORM_TIES), CONSENSUS, RESCALE_RANDOM],
     contract=CONTRACT,
     stochastic=True,
@@ -324,6 +330,7 @@ def dare_ties(base, experts, weights, params, ctx):
 @method(
     "della_linear",
     citation=DELLA_CITATION,
+    paper="della2024",
     params=[KEEP_PROB, EPSILON, LAMBDA, _normalize(False, _NORM_LINEAR), RESCALE_RANDOM],
     contract=CONTRACT_MEAN,
     stochastic=True,
@@ -347,6 +354,8 @@ def della_linear(base, experts, weights, params, ctx):
 @method(
     "della_ties",
     citation=DELLA_CITATION + _WITH_TIES,
+    paper="della2024",
+    related_papers=("ties2023",),
     params=[KEEP_PROB, EPSILON, LAMBDA, _normalize(True, _NORM_TIES), CONSENSUS, RESCALE_RANDOM],
     contract=CONTRACT,
     stochastic=True,
@@ -366,6 +375,7 @@ def della_ties(base, experts, weights, params, ctx):
 @method(
     "breadcrumbs",
     citation=BREADCRUMBS_CITATION,
+    paper="breadcrumbs2024",
     params=[DENSITY, GAMMA, LAMBDA, _normalize(False, _NORM_LINEAR), RESCALE_DET],
     contract=CONTRACT_MEAN,
     properties={"identity_on_base", "order_invariant", "nonfinite_propagates"},
@@ -384,6 +394,8 @@ def breadcrumbs(base, experts, weights, params, ctx):
 @method(
     "breadcrumbs_ties",
     citation=BREADCRUMBS_CITATION + _WITH_TIES,
+    paper="breadcrumbs2024",
+    related_papers=("ties2023",),
     params=[DENSITY, GAMMA, LAMBDA, _normalize(False, _NORM_TIES), CONSENSUS, RESCALE_DET],
     contract=CONTRACT,
     properties={"identity_on_base", "order_invariant", "nonfinite_propagates"},
@@ -397,6 +409,7 @@ def breadcrumbs_ties(base, experts, weights, params, ctx):
 @method(
     "sce",
     citation=SCE_CITATION,
+    paper="sce2024",
     params=[SELECT_TOPK],
     contract=InputContract(base="required", min_experts=1, per_expert_weights=False),
     properties={"identity_on_base", "order_invariant", "idempotent", "nonfinite_propagates"},

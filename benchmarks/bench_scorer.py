@@ -32,7 +32,7 @@ def setup(pytestconfig, device):
     if missing:
         pytest.skip("the embedded pool is not materialized: run `mergebench zoo materialize`")
     dtype = getattr(torch, option(pytestconfig, "--scorer-dtype"))
-    model, tok = runner._load_model(plan.paths[plan.pool.base.name], "float32")
+    model, tok = runner.load_model(plan.paths[plan.pool.base.name], "float32")
     model.to(device=device, dtype=dtype)
     battery = Battery([t.name for t in plan.profile.tasks], plan.task_manager, samples=plan.samples)
     with torch.inference_mode():

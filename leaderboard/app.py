@@ -2,7 +2,8 @@
 
 Read-only over the results store: every number comes from DuckDB views (mergebench.report), the
 same computation `mergebench report` writes as static tables. Pages are picked in the sidebar;
-`?page=<key>` in the URL opens one directly.
+every sidebar filter is mirrored into the URL (``?page=ranking&suite=glue&n=2 ...``), so a shared
+link opens the same page; a URL value that matches nothing in the store is reported, not ignored.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from leaderboard import charts, queries  # noqa: E402
+from mergebench import report  # noqa: E402
 
 PAGES = {"ranking": "Ranking", "scaling": "Scaling curves", "tasks": "Per-task detail",
          "diagnostics": "Diagnostics", "methods": "Method pages", "pareto": "Pareto view"}
 ALL = "(all)"
-SOURCE_LABEL = {"run": "reproduced", "paper": "published"}
-SOURCE_BG = {"reproduced": "background-color: #dbeafe; color: #1e3a8a; font-weight: 600",
-             "published": "background-color: #ffedd5; color: #9a3412; font-weight: 600"}
+SEED = report.BOOT_SEED
 
 st.set_page_config(page_title="mergebench leaderboard", layout="wide")
 st.markdown("<style>div.block-container{padding-top:2rem} [data-testid='stMetricValue']{font-size:1.4rem}"
@@ -33,37 +33,94 @@ st.markdown("<style>div.block-container{padding-top:2rem} [data-testid='stMetric
 
 RESULTS = str(queries.results_dir(sys.argv[1:]))
 SIG = queries.signature(RESULTS)
+NOTICES: list[str] = []  # URL values that match nothing, shown above the page
+
 
 # ------------------------------------------------------------------------------ sidebar
-keys = list(PAGES)
-want = st.query_params.get("page", "ranking")
-page = st.sidebar.radio("Page", keys, index=keys.index(want) if want in keys else 0, format_func=PAGES.get,
-                        key="page")
-if st.query_params.get("page") != page:
-    st.query_params["page"] = page
+def _mirror(key: str, value) -> None:
+    """Write a filter's value into the URL (removed when it is the 'everything' choice)."""
+    if value is None or value is False or value == []:
+        if key in st.query_params:
+            del st.query_params[key]
+        return
+    if isinstance(value, list):
+        if st.query_params.get_all(key) != [str(v) for v in value]:
+            st.query_params[key] = [str(v) for v in value]
+    elif st.query_params.get(key) != ("true" if value is True else str(value)):
+        st.query_params[key] = "true" if value is True else str(value)
 
-opts = queries.choices(RESULTS, SIG)
-st.sidebar.markdown("### Filters")
+
+def _no_match(key: str, wanted, values, shown) -> None:
+    have = ", ".join(map(str, values)) or "none"
+    NOTICES.append(f"`?{key}={wanted}` in the link matches nothing in this store ({key} values here: {have}); "
+                   f"showing **{shown}** instead.")
 
 
-def _pick(label, values, key, default=None):
-    """A sidebar filter; ``?suite=...&profile=...&pool=...`` in the URL preselects it (shareable links)."""
-    vals = [ALL] + list(values)
-    default = st.query_params.get(key, default)
-    idx = vals.index(default) if default in vals else 0
-    v = st.sidebar.selectbox(label, vals, index=idx, key=key)
+def _init(key: str, values: list, default, *, fmt=str) -> None:
+    """On a session's first run (or when the options changed), preselect a widget from the URL."""
+    if key in st.session_state and st.session_state[key] in values:
+        return
+    want = st.query_params.get(key)
+    pick = default if default in values else (values[0] if values else None)
+    if want is not None and key not in st.session_state:
+        match = next((v for v in values if str(v) == want), None)
+        if match is None:
+            _no_match(key, want, [v for v in values if v != ALL], fmt(pick))
+        else:
+            pick = match
+    st.session_state[key] = pick
+
+
+def _select(label: str, values: list, key: str, default=None, *, allow_all: bool = False, fmt=str, where=None):
+    """A filter selectbox mirrored into ``?key=value`` (ALL = no filter)."""
+    vals = ([ALL] if allow_all else []) + list(values)
+    _init(key, vals, default if default is not None else vals[0], fmt=fmt)
+    v = (where or st.sidebar).selectbox(label, vals, key=key, format_func=fmt)
+    _mirror(key, None if v == ALL else v)
     return None if v == ALL else v
 
 
-# default: a suite with reproduced rows, else the seed 000 suite (the richest published tables)
-_default_suite = next(iter(opts["run_suite"]), "openllm" if "openllm" in opts["suite"] else next(iter(opts["suite"]), None))
-suite = _pick("Suite", opts["suite"], "suite", default=_default_suite)
-profile = _pick("Profile", opts["profile"], "profile")
-pool = _pick("Pool / base model", opts["pool"], "pool")
-n = _pick("Merge size n", opts["n"], "n") if page not in ("scaling", "tasks") else None
+keys = list(PAGES)
+_init("page", keys, "ranking", fmt=PAGES.get)
+page = st.sidebar.radio("Page", keys, key="page", format_func=PAGES.get)
+_mirror("page", page)
+
+opts = queries.choices(RESULTS, SIG)
+groups = queries.run_groups(RESULTS, SIG)
+st.sidebar.markdown("### Filters")
+if not opts["suite"]:
+    st.title("mergebench leaderboard")
+    st.info(f"The results store `{RESULTS}` holds no results and no published tables yet: run `mergebench eval`.")
+    st.stop()
+
+# one suite at a time: a ranking never pools suites (their tasks, references and sizes differ).
+# Default: the suite written last, else the Fisher-Rao merging paper's suite (the richest published tables).
+_default_suite = next(iter(opts["run_suite"]), "openllm" if "openllm" in opts["suite"] else opts["suite"][0])
+suite = _select("Suite", opts["suite"], "suite", _default_suite)
+g = groups[groups["suite"] == suite]
+# profile and pool: those with reproduced rows in this suite, the one written last first
+profile = _select("Profile", list(dict.fromkeys(g["profile"])), "profile") if len(g) else None
+g = g[g["profile"] == profile]
+pool = _select("Pool / base model", list(dict.fromkeys(g["pool"])), "pool") if len(g) else None
+g = g[g["pool"] == pool]
+sizes = sorted({int(n) for s in g["sizes"] for n in s}) if len(g) else []
+n = (_select("Merge size n", sizes, "n", ALL, allow_all=True) if page not in ("scaling", "tasks") and sizes
+     else None)
 info = queries.method_info()
-families = st.sidebar.multiselect("Method family", sorted(info["family"].unique()), key="families")
+family_opts = sorted(info["family"].unique())
+if "families" not in st.session_state:
+    want = st.query_params.get_all("families")
+    unknown = [w for w in want if w not in family_opts]
+    if unknown:
+        _no_match("families", ",".join(unknown), family_opts, "every family" if len(unknown) == len(want)
+                  else ", ".join(w for w in want if w in family_opts))
+    st.session_state["families"] = [w for w in want if w in family_opts]
+families = st.sidebar.multiselect("Method family", family_opts, key="families")
+_mirror("families", list(families))
+if "data_free" not in st.session_state:
+    st.session_state["data_free"] = st.query_params.get("data_free", "").lower() in ("1", "true", "yes")
 data_free = st.sidebar.checkbox("Data-free methods only", key="data_free")
+_mirror("data_free", bool(data_free))
 filters = dict(suite=suite, profile=profile, pool=pool, n=n, families=tuple(families) or None,
                data_free_only=data_free)
 st.sidebar.caption(f"Results: `{RESULTS}` (read-only)")
@@ -73,90 +130,141 @@ if st.sidebar.button("Reload results"):
     st.rerun()
 
 st.title("mergebench leaderboard")
-st.caption(f"{PAGES[page]} · suite **{suite or 'all'}** · profile **{profile or 'all'}** · pool "
-           f"**{pool or 'all'}**" + (f" · n = **{n}**" if n is not None else ""))
+st.caption(f"{PAGES[page]} · suite **{suite}** · profile **{profile or '—'}** · pool **{pool or '—'}**"
+           + (f" · n = **{n}**" if n is not None else ""))
+for note in NOTICES:
+    st.warning(note, icon="⚠️")
 
-LABELS = {"rank": "rank", "score": "score", "ci": "95% CI", "ranks": "rank range", "p_best": "P(best)",
-          "p_gt_base": "P(>base)", "gain_vs_base_pp": "Δ base (pp)", "p_gt_best_expert": "P(>best exp.)",
-          "gain_vs_best_expert_pp": "Δ best exp. (pp)", "merge_wall_s": "merge s", "merge_peak_gib": "peak GiB", "eval_wall_s": "eval s",
-          "merging_loss_pct": "merging loss %", "n_units": "units", "mean_score": "mean score"}
-HELP = {"score": "mean headline score over the selected units (published: the paper's reported average)",
+LABELS = {**report.COLUMN_LABELS, "rank": "rank", "ranks": "ranks", "gain_vs_best_expert_pp": "Δ best (pp)",
+          "p_gt_best_expert": "P(>best)", "mean_score": "mean score", "params_json": "params (JSON)",
+          "tuned": "tuned"}
+HELP = {"rank_label": "rank by the point estimate; '=k' marks an exact tie (same rank, shared)",
+        "score": "mean headline score over the selected units (published: the paper's reported average)",
+        "merging_loss_pct": "mean merging loss over the selected units: % of each task's own expert's score kept "
+                            "(0 = nothing lost); the ranking metric of this suite",
         "ci": "95% percentile bootstrap interval of the mean (units resampled)",
         "ranks": "95% bootstrap interval of the rank (shared subsets resampled jointly)",
-        "p_best": "share of bootstrap resamples in which the method ranks first",
+        "p_best": "share of bootstrap resamples in which the method ranks first (a tie for first splits the "
+                  "resample evenly, so P(best) sums to 1)",
         "p_gt_base": "share of merged units scoring above the base model",
         "gain_vs_base_pp": "mean gain over the base model, percentage points",
         "p_gt_best_expert": "share of merged units above the pool's best single expert",
         "gain_vs_best_expert_pp": "mean gain over the pool's best single expert, percentage points",
         "merge_wall_s": "mean merge wall time per unit (provenance)", "merge_peak_gib": "max peak RSS of a merge",
         "eval_wall_s": "mean evaluation (scoring) wall time per unit (provenance)",
-        "source": "reproduced here (source=run) or transcribed from a seed paper (source=paper)",
+        "n_units": "merged units (subsets) averaged",
+        "paper": "the published value for the same method, configuration (the suite's paper hyperparameters) and "
+                 "merge size n, from the papers' own models (a range over them); pick one n to see it",
+        "average": "unweighted mean over the task columns (as the Open LLM Leaderboard averages benchmarks)",
         "tuned": "how the parameters were chosen: on the validation split by `mergebench sweep --tune` (trials "
                  "tried / grid size, validation documents), or default (given, not tuned)"}
 NUM = {"score": "{:.4f}", "mean": "{:.4f}", "std": "{:.4f}", "value": "{:.4f}", "mean_score": "{:.4f}",
        "p_best": "{:.2f}", "p_gt_base": "{:.2f}", "p_gt_best_expert": "{:.2f}", "gain_vs_base_pp": "{:+.2f}",
        "gain_vs_best_expert_pp": "{:+.2f}", "merge_wall_s": "{:.2f}", "merge_peak_gib": "{:.2f}",
-       "eval_wall_s": "{:.1f}", "merging_loss_pct": "{:+.1f}", "rank": "{:.0f}", "n_units": "{:.0f}", "units": "{:.0f}", "n": "{:.0f}",
-       "p": "{:.2g}", "statistic": "{:.3f}"}
+       "eval_wall_s": "{:.1f}", "merging_loss_pct": "{:+.1f}", "average": "{:.4f}", "p": "{:.2g}",
+       "statistic": "{:.3f}"}
+#: Pixel widths of the ranking table's columns: together under 1300 px, so the table fits a 1600 px
+#: window beside the sidebar without a horizontal scrollbar.
+WIDTHS = {"rank_label": 48, "method": 140, "params_label": 120, "score": 72, "merging_loss_pct": 96, "ci": 130,
+          "ranks": 64, "p_best": 64, "p_gt_base": 72, "gain_vs_base_pp": 86, "gain_vs_best_expert_pp": 86,
+          "merge_wall_s": 66, "eval_wall_s": 60, "n_units": 50, "paper": 150, "tuned": 90}
 
 
-def table(d: pd.DataFrame, **kw):
-    """A dataframe with blank (not 'None') missing cells, fixed number formats and tinted sources."""
+def _integral(s: pd.Series) -> bool:
+    v = s.dropna()
+    return pd.api.types.is_float_dtype(s) and len(v) > 0 and bool((v == v.round()).all())
+
+
+def table(d: pd.DataFrame, *, help_: dict | None = None, widths: dict | None = None, **kw):
+    """A dataframe with blank (not 'None') missing cells, human labels, fixed number formats and
+    integers shown as integers."""
     d = d.dropna(axis=1, how="all").reset_index(drop=True)
     text = [c for c in d if d[c].dtype == object or pd.api.types.is_string_dtype(d[c])]
     d[text] = d[text].astype(object).where(d[text].notna(), "")  # the grid shows a missing string as 'None'
-    sty = d.style.format({k: v for k, v in NUM.items() if k in d and pd.api.types.is_numeric_dtype(d[k])},
-                         na_rep="").format(na_rep="", subset=[c for c in d if not pd.api.types.is_numeric_dtype(d[c])])
-    if "source" in d:
-        sty = sty.map(lambda v: SOURCE_BG.get(v, ""), subset=["source"])
-    cfg = {k: st.column_config.Column(LABELS.get(k, k), help=HELP.get(k)) for k in d if k in LABELS or k in HELP}
+    fmt = {k: v for k, v in NUM.items() if k in d and pd.api.types.is_numeric_dtype(d[k])}
+    fmt.update({c: "{:.0f}" for c in d if c not in fmt and _integral(d[c])})
+    # the grid draws a missing number as a grey 'None' whatever the Styler says: a numeric column with
+    # gaps is shown as its formatted text instead (blank where missing)
+    for c in [c for c in d if pd.api.types.is_numeric_dtype(d[c]) and d[c].isna().any()]:
+        f = fmt.pop(c, "{:.4g}")
+        d[c] = [("" if pd.isna(v) else f.format(v)) for v in d[c]]
+    sty = d.style.format(fmt, na_rep="").format(na_rep="", subset=[c for c in d
+                                                                    if not pd.api.types.is_numeric_dtype(d[c])])
+    helps = {**HELP, **(help_ or {})}
+    cfg = {k: st.column_config.Column(LABELS.get(k, k), help=helps.get(k), width=(widths or {}).get(k))
+           for k in d if k in LABELS or k in helps or k in (widths or {})}
     st.dataframe(sty, hide_index=True, width="stretch", column_config=cfg, **kw)
 
 
+def _params_help(run: pd.DataFrame) -> str:
+    """The params column's hover text: every short label with its full JSON."""
+    pairs = dict(zip(run["params_label"], run["params"]))
+    return "parameters that differ from the method's defaults; full configuration:\n\n" + "\n".join(
+        f"- `{label}`: `{full}`" for label, full in pairs.items())
+
+
 # ------------------------------------------------------------------------------- pages
+def run_table(run: pd.DataFrame, by_loss: bool) -> pd.DataFrame:
+    """The reproduced ranking as the app shows it: ranked score first, then its CI, rank interval,
+    P(best), P(>base), Δ base, Δ best expert, cost, units and the matching published value."""
+    shown = run.assign(ci=[report.ci_text(lo, hi, by_loss) for lo, hi in zip(run["ci_low"], run["ci_high"])],
+                       ranks=[report.rank_interval_text(lo, hi) for lo, hi in zip(run["rank_low"], run["rank_high"])])
+    marks = run[["method", "params"]].merge(queries.tuned(RESULTS, SIG, filters), how="left")["tuned"]
+    shown["tuned"] = marks.fillna("default").to_numpy()
+    cols = ["rank_label", "method", "params_label", "merging_loss_pct" if by_loss else "score", "ci", "ranks",
+            "p_best", "p_gt_base", "gain_vs_base_pp", "gain_vs_best_expert_pp", "merge_wall_s", "eval_wall_s",
+            "n_units"] + (["paper"] if (shown["paper"].fillna("") != "").any() else []) \
+        + (["tuned"] if (shown["tuned"] != "default").any() else [])
+    return shown[[c for c in cols if c in shown]]
+
+
 def page_ranking():
-    rank = queries.ranking(RESULTS, SIG, filters)
+    rank = queries.ranking(RESULTS, SIG, filters, SEED)
     run = rank[rank["source"] == "run"]
+    pubs = rank[rank["source"] == "paper"]
     c = st.columns(4)
     c[0].metric("methods ranked", int(run["method"].nunique()) if len(run) else 0)
     c[1].metric("merged units", int(run["n_units"].sum()) if len(run) else 0)
-    c[2].metric("leader", run.iloc[0]["method"] if len(run) else "—")
-    c[3].metric("published rows", int((rank["source"] == "paper").sum()))
+    c[2].metric("leader", " = ".join(run[run["rank"] == 1]["variant"]) if len(run) else "—")
+    c[3].metric("published rows", len(pubs))
     if rank.empty:
         st.info("No rows match these filters.")
         return
-    by_loss = len(run) > 0 and "merging_loss_pct" in run and run["score"].isna().all()
-    headline = ("the mean **merging loss** (seed 004 eq. 1: % of each task's own expert's score kept or lost, "
-                "0 = none lost, higher is better; merges are scored on their members' tasks)" if by_loss else
-                "the mean **headline score** (unweighted mean of each task's headline metric)")
-    st.markdown(f"Methods ranked by {headline} "
-                "over the selected merged units; CI = 95 % bootstrap, rank interval = 95 % bootstrap of the rank. "
-                ":blue-background[reproduced] rows were measured here (`source=run`); "
-                ":orange-background[published] rows are the seeds' printed numbers (`source=paper`), shown "
-                "for comparison and never ranked.")
-    shown = rank.assign(source=rank["source"].map(SOURCE_LABEL))
-    runs, pubs = shown[shown["source"] == "reproduced"].copy(), shown[shown["source"] == "published"]
-    st.subheader("Reproduced (source=run)")
-    if runs.empty:
+    by_loss = len(run) > 0 and report.ranked_value(run) == "merging_loss_pct"
+    headline = ("the mean **merging loss** (the merging-collapse study's eq. 1: % of each task's own expert's "
+                "score kept or lost, 0 = none lost, higher is better; merges are scored on their members' tasks)"
+                if by_loss else "the mean **headline score** (unweighted mean of each task's headline metric)")
+    st.markdown(f"Methods ranked by {headline} over the selected merged units of this suite, profile and pool; "
+                "CI = 95 % bootstrap, rank interval = 95 % bootstrap of the rank, `=1` = an exact tie. "
+                "Published numbers are listed below and never ranked.")
+    st.subheader("Reproduced here")
+    if run.empty:
         st.info("No reproduced rows for these filters yet: run `mergebench eval` (results land in the store).")
     else:
-        fmt = ("{:+.1f}" if by_loss else "{:.4f}").format
-        runs.insert(runs.columns.get_loc("ci_low"), "ci", runs["ci_low"].map(fmt) + " – " + runs["ci_high"].map(fmt))
-        runs.insert(runs.columns.get_loc("rank_low"), "ranks", runs["rank_low"].astype("string") + " – "
-                    + runs["rank_high"].astype("string"))
-        marks = runs[["method", "params"]].merge(queries.tuned(RESULTS, SIG, filters), how="left")["tuned"]
-        runs.insert(runs.columns.get_loc("method") + 1, "tuned", marks.fillna("default").to_numpy())
-        table(runs.drop(columns=["ci_low", "ci_high", "rank_low", "rank_high"]),
-              height=min(640, 38 + 35 * len(runs)))
-    st.subheader("Published (source=paper)")
+        st.caption(report.bootstrap_note(SEED))
+        tab_rank, tab_tasks = st.tabs(["Ranking", "Per-task scores"])
+        with tab_rank:
+            shown = run_table(run, by_loss)
+            table(shown, help_={"params_label": _params_help(run)}, widths=WIDTHS,
+                  height=min(640, 38 + 35 * len(shown)))
+        with tab_tasks:
+            st.caption("Mean " + ("merging loss (%)" if by_loss else "headline metric") + " per task over each "
+                       "method's merged units, and their unweighted average; click a header to sort.")
+            tasks = queries.task_scores(RESULTS, SIG, filters, SEED)
+            table(tasks.drop(columns=["rank", "variant"], errors="ignore"),
+                  help_={"params_label": _params_help(run)}, height=min(640, 38 + 35 * len(tasks)))
+    st.subheader("Published by the seed papers (never ranked)")
     if pubs.empty:
         st.info("The seed papers print no comparable numbers for these filters.")
     else:
-        lead = ["source", "table", "pool", "n", "method", "label"]
-        table(pubs[lead + [c for c in pubs.columns if c not in lead]], height=min(520, 38 + 35 * len(pubs)))
+        lead = ["table", "pool", "n", "method", "label"]
+        rest = [c for c in ("score", "merging_loss_pct", "p_gt_base", "gain_vs_base_pp", "p_gt_best_expert",
+                            "gain_vs_best_expert_pp", "n_units") if c in pubs]
+        table(pubs.assign(table=pubs["table"].map(report.table_title))[lead + rest],
+              height=min(520, 38 + 35 * len(pubs)))
     if len(run):
         st.subheader(f"{'Merging loss (%)' if by_loss else 'Score'} with 95 % bootstrap CI (reproduced)")
-        shown_ci = rank.assign(score=rank["merging_loss_pct"]) if by_loss else rank
+        shown_ci = run.assign(score=run["merging_loss_pct"]) if by_loss else run
         st.altair_chart(charts.ranking_ci(shown_ci, "merging loss %" if by_loss else "headline score"), width="stretch")
 
 
@@ -166,8 +274,9 @@ def page_scaling():
         st.info("No scaling data for these filters.")
         return
     st.markdown("Headline score vs the number of merged models, mean ± 1 std over the subsets of each size "
-                "(as seed 000 Fig. 1 and seed 001 Figs. 3, 6). Single experts appear at n = 1, the base model "
-                "as the dashed line; dashed diamonds are published averages (seed 000 Tables 1, 3-5).")
+                "(error bars; as the Fisher–Rao merging paper's Fig. 1 and the in-the-wild merging study's "
+                "Figs. 3, 6). Single experts appear at n = 1, the base model as the dashed line; dashed diamonds "
+                "are published averages (Fisher–Rao merging paper, Tables 1, 3-5).")
     st.altair_chart(charts.scaling(d, pap), width="stretch")
     table(d)
     norms = queries.task_vector_norms(RESULTS, SIG, filters)
@@ -177,7 +286,7 @@ def page_scaling():
                 "(`mergebench eval` measures it for every merged and expert unit).")
         return
     st.markdown("How far each merge moves from the base, ‖θ_merged − θ_base‖₂ over all weights, mean ± 1 std "
-                "over the subsets of each size (seed 001 Fig. 4); single experts at n = 1.")
+                "over the subsets of each size (the in-the-wild merging study's Fig. 4); single experts at n = 1.")
     st.altair_chart(charts.scaling(norms, y_title="‖θ − θ_base‖₂"), width="stretch")
 
 
@@ -189,16 +298,18 @@ def page_tasks():
         if pap.empty:
             return
         tables = sorted(pap["table"].unique())
-        tab = st.selectbox("Published table", tables, key="paper_table")
+        tab = st.selectbox("Published table", tables, key="paper_table", format_func=report.table_title)
         p = pap[pap["table"] == tab]
         for pool_, g in p.groupby("pool", sort=True):
-            st.subheader(f"{tab}: {pool_} (source=paper)")
-            g = g.assign(method=g["method"] + " · n=" + g["n"].astype(str))
+            st.subheader(f"{report.table_title(tab)}: {pool_} (published)")
+            g = g.assign(method=g["method"] + " · n=" + g["n"].astype(int).astype(str))
             st.altair_chart(charts.heatmap(g), width="stretch")
-        table(p.assign(source="published"))
+        table(p.assign(table=p["table"].map(report.table_title)))
         return
-    st.subheader("Method × task (mean headline metric over all sizes)")
-    st.altair_chart(charts.heatmap(d), width="stretch")
+    rank = queries.ranking(RESULTS, SIG, filters, SEED)
+    order = list(dict.fromkeys(rank[rank["source"] == "run"]["method"])) + ["single expert", "base model"]
+    st.subheader("Method × task (mean headline metric over all sizes), methods in ranking order")
+    st.altair_chart(charts.heatmap(d, order=order), width="stretch")
     tasks = sorted(d["task"].unique())
     task = st.selectbox("Task", tasks, key="task")
     st.subheader(f"{task}: score vs n")
@@ -207,8 +318,6 @@ def page_tasks():
 
 
 def page_diagnostics():
-    from mergebench import report
-
     con = queries.connection(RESULTS, SIG)
     diag = report.diagnostics(con, pool)
     if diag is None:
@@ -224,7 +333,8 @@ def page_diagnostics():
     stats = report.diagnostic_stats(con, pool)
     if not stats.empty:
         st.subheader("Why merges fail: ANOVA of merging loss and correlations with it (`mergebench stats`)")
-        st.caption("by_task / by_method: one-way ANOVA F of the per-task merging loss (seed 004 Table 3); "
+        st.caption("by_task / by_method: one-way ANOVA F of the per-task merging loss (merging-collapse study, "
+                   "Table 3); "
                    "other rows: Pearson r of a pairwise diagnostic (pairwise merges) or of MDS (merge of all, "
                    "best method) with the merging loss (Tables 4-5). p < 0.05 is significant.")
         table(stats)
@@ -247,9 +357,11 @@ def page_diagnostics():
 
 def page_methods():
     names = sorted(info["method"])
-    ranked = queries.ranking(RESULTS, SIG, filters)["method"].tolist()
+    ranked = queries.ranking(RESULTS, SIG, filters, SEED)["method"].tolist()
     first = next((m for m in ranked if m in names), names[0])
-    method = st.selectbox("Method", names, index=names.index(first), key="method")
+    _init("method", names, first)
+    method = st.selectbox("Method", names, key="method")
+    _mirror("method", method)
     from mergebench.methods import get_method
 
     spec = get_method(method).describe()
@@ -260,40 +372,52 @@ def page_methods():
     c[1].metric("family", info.set_index("method").loc[method, "family"])
     c[2].metric("experts", f"{spec.get('min_experts')}–{spec.get('max_experts') or '∞'}")
     c[3].metric("stochastic", "yes" if spec.get("stochastic") else "no")
+    if spec.get("paper"):
+        p = spec["paper"]
+        st.markdown(f"**Paper.** {p['title']} — {', '.join(p['authors'])}"
+                    f"{', ' + str(p['year']) if p['year'] else ''}{', ' + p['venue'] if p['venue'] else ''}")
+    if spec.get("url"):
+        st.markdown(f"**URL.** {spec['url']}")
     st.markdown(f"**Citation.** {spec.get('citation') or '—'}")
     st.markdown("**Parameters**")
-    table(pd.DataFrame(spec.get("params") or [], columns=["name", "type", "default", "range", "per_expert", "help"])
-          .astype(str))
+    cols = ["name", "type", "default", "range", "per_expert", "help"]
+    params = [{c: report.cell_text(p.get(c), None) if c == "default" else p.get(c) for c in cols}
+              for p in spec.get("params") or []]  # a column of ints and floats must not print 10 as 10.0
+    table(pd.DataFrame(params, columns=cols, dtype=object))
     st.markdown("**Configurations behind the reproduced rows** and the command that recomputes each")
     rows = queries.method_rows(RESULTS, SIG, method)
     if rows.empty:
         st.info("No reproduced rows for this method yet.")
     else:
-        table(rows.drop(columns=["command"]).assign(sizes=rows["sizes"].map(lambda s: ", ".join(map(str, s))),
-                                                    run_ids=rows["run_ids"].map(lambda s: ", ".join(s))))
+        shown = rows.drop(columns=["command"]).assign(sizes=rows["sizes"].map(lambda s: ", ".join(map(str, s))),
+                                                      run_ids=rows["run_ids"].map(lambda s: ", ".join(s)))
+        shown.insert(shown.columns.get_loc("params_json"), "params_label",
+                     [report.params_label(method, j) for j in rows["params_json"]])
+        table(shown)
         for cmd in rows["command"].unique():
             st.code(cmd, language="bash")
     pap = queries.paper_method_rows(RESULTS, SIG, method)
     if not pap.empty:
-        st.markdown("**Published rows** (`source=paper`)")
-        table(pap)
+        st.markdown("**Published rows** (the seed papers' printed numbers)")
+        table(pap.assign(table=pap["table"].map(report.table_title)))
     with st.expander("Full spec (JSON)"):
         st.code(json.dumps(spec, indent=1, default=str), language="json")
 
 
 def page_pareto():
-    from mergebench import report
-
-    rank = queries.ranking(RESULTS, SIG, filters)
+    rank = queries.ranking(RESULTS, SIG, filters, SEED)
     cost = st.radio("cost", list(report.COSTS), format_func=lambda c: report.COSTS[c], horizontal=True)
-    d = report.pareto(rank, cost)
+    value = report.ranked_value(rank)  # the merging loss on glue-style suites
+    quality = "mean merging loss, %" if value == "merging_loss_pct" else "mean headline score"
+    d = report.pareto(rank.assign(score=rank[value]), cost)
     if d.empty:
         st.info("No reproduced rows with this cost (provenance) for these filters.")
         return
-    st.markdown(f"Quality (mean headline score) vs {report.COSTS[cost]}, from provenance. "
-                "Red points are Pareto-optimal: no other method is both better and cheaper.")
-    st.altair_chart(charts.pareto(d, cost, report.COSTS[cost]), width="stretch")
-    table(d[["method", "params", "score", "merge_wall_s", "eval_wall_s", "merge_peak_gib", "pareto"]].sort_values(cost))
+    st.markdown(f"Quality ({quality}) vs {report.COSTS[cost]}, from provenance. Diamonds are Pareto-optimal: "
+                "no other configuration is both better and cheaper (the red step line is the front).")
+    st.altair_chart(charts.pareto(d, cost, report.COSTS[cost], quality), width="stretch")
+    table(d[["method", "params_label", "score", "merge_wall_s", "eval_wall_s", "merge_peak_gib", "pareto"]]
+          .rename(columns={"score": value}).sort_values(cost), help_={"params_label": _params_help(d)})
 
 
 {"ranking": page_ranking, "scaling": page_scaling, "tasks": page_tasks, "diagnostics": page_diagnostics,

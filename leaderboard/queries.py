@@ -1,7 +1,9 @@
 """Cached DuckDB queries behind the leaderboard pages (thin wrappers over mergebench.report).
 
-The connection is cached per results directory (Streamlit's cache_resource); query results are
-cached per (directory, filters), so switching pages or filters back and forth is instant.
+The connection is cached per results directory and store signature (Streamlit's cache_resource);
+every query result is cached per (directory, signature, filters) with st.cache_data, so switching
+pages or filters back and forth is instant, and results landing while the app runs (a new
+signature) are picked up on the next rerun.
 """
 
 from __future__ import annotations
@@ -50,24 +52,44 @@ def choices(path: str, sig: tuple) -> dict:
     return report.choices(connection(path, sig))
 
 
+@st.cache_data(show_spinner=False)
+def run_groups(path: str, sig: tuple):
+    return report.run_groups(connection(path, sig))
+
+
 @st.cache_data(show_spinner="Ranking methods ...")
-def ranking(path: str, sig: tuple, filters: dict):
-    return report.ranking(connection(path, sig), _f(filters))
+def ranking(path: str, sig: tuple, filters: dict, seed: int = report.BOOT_SEED):
+    return report.ranking(connection(path, sig), _f(filters), seed=seed)
+
+
+@st.cache_data(show_spinner=False)
+def task_scores(path: str, sig: tuple, filters: dict, seed: int = report.BOOT_SEED):
+    """The per-task table of the ranking page, in the ranking's order."""
+    return report.task_scores(connection(path, sig), _f(filters), ranking(path, sig, filters, seed))
 
 
 @st.cache_data(show_spinner=False)
 def tuned(path: str, sig: tuple, filters: dict):
-    """Per (method, params): `tuned (trials, validation docs)` for settings chosen by `mergebench sweep --tune`."""
+    """Per (method, params): `tuned (trials, validation docs)` for settings chosen by `mergebench sweep --tune`;
+    params as the ranking shows them (:func:`report.config_params`)."""
     from mergebench.sweep.tune import tuned_variants
 
     where, params = _f(filters).where()
-    return tuned_variants(connection(path, sig), where, params)
+    t = tuned_variants(connection(path, sig), where, params)
+    t = t.assign(params=t["params"].map(report.config_params))
+    return t.groupby(["method", "params"], as_index=False)["tuned"].agg(
+        lambda x: "; ".join(sorted(set(x) - {"default"})) or "default")
+
+
+def _paper(filters: dict) -> report.Filters:
+    """Published rows: the suite's in any profile and pool (the papers' own models)."""
+    return report.Filters(**{**filters, "profile": None, "pool": None})
 
 
 @st.cache_data(show_spinner=False)
 def scaling(path: str, sig: tuple, filters: dict):
     con = connection(path, sig)
-    return report.scaling(con, _f(filters)), report.paper_scaling(con, _f(filters))
+    return report.scaling(con, _f(filters)), report.paper_scaling(con, _paper(filters))
 
 
 @st.cache_data(show_spinner=False)
@@ -82,7 +104,7 @@ def per_task(path: str, sig: tuple, filters: dict):
 
 @st.cache_data(show_spinner=False)
 def paper_per_task(path: str, sig: tuple, filters: dict):
-    return report.paper_per_task(connection(path, sig), _f(filters))
+    return report.paper_per_task(connection(path, sig), _paper(filters))
 
 
 @st.cache_data(show_spinner=False)

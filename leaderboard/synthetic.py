@@ -21,8 +21,12 @@ METHODS = {"linear": 0.00, "task_arithmetic": 0.03, "ties": 0.05, "karcher": 0.0
 
 
 def small_store(results_dir, *, suite="inthewild", profile="embedded", pool="smol", methods=METHODS,
-                sizes=(2, 3), seed=0) -> Path:
-    """Base, experts and every subset of each size merged by every method, via store.write_unit."""
+                sizes=(2, 3), seed=0, clones=None) -> Path:
+    """Base, experts and every subset of each size merged by every method, via store.write_unit.
+
+    `clones` maps a method to one listed before it in `methods` whose result rows it repeats
+    exactly (the same value on every unit and task: an exact tie)."""
+    clones = dict(clones or {})
     rng = np.random.default_rng(seed)
     results_dir = Path(results_dir)
     common = dict(suite=suite, suite_version="1", profile=profile, pool=pool, base_model="smol-135m", seed=0,
@@ -39,6 +43,7 @@ def small_store(results_dir, *, suite="inthewild", profile="embedded", pool="smo
     for e in EXPERTS:
         store.write_unit(store.Unit(role="expert", subset=(e,), **common), rows(0.42), run_id=run,
                          results_dir=results_dir, provenance={"task_vector_norm": 3.0 + rng.random()})
+    written = {}
     for (m, off), k in itertools.product(methods.items(), sizes):
         for subset in itertools.combinations(EXPERTS, k):
             u = store.Unit(role="merged", subset=subset, method=m, method_version="1.0",
@@ -47,7 +52,9 @@ def small_store(results_dir, *, suite="inthewild", profile="embedded", pool="smo
                     "eval_wall_s": 3.0,  # averaging shrinks the task vector, summing grows it
                     "task_vector_norm": (3.0 / np.sqrt(k) if m == "linear" else 3.0 * (1 + off) * np.sqrt(k))
                     + 0.1 * rng.random()}
-            store.write_unit(u, rows(0.41 + off + 0.01 * k), run_id=run, results_dir=results_dir, provenance=prov)
+            vals = written[(clones[m], subset)] if m in clones else rows(0.41 + off + 0.01 * k)
+            written[(m, subset)] = vals
+            store.write_unit(u, vals, run_id=run, results_dir=results_dir, provenance=prov)
     return results_dir
 
 

@@ -82,8 +82,11 @@ app = typer.Typer(
     help="mergebench: merge LLM weights with pluggable methods and score them on standard suites.",
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+# In a terminal rich uses its width; into a log or CI (no terminal: rich would assume 80 columns and
+# fold every table and progress line) 120 columns, unless $COLUMNS says otherwise.
+_LOG_WIDTH = None if os.environ.get("COLUMNS") else 120
+console = Console(stderr=True, width=None if sys.stderr.isatty() else _LOG_WIDTH)
+out = Console(width=None if sys.stdout.isatty() else _LOG_WIDTH)
 
 
 @app.callback()
@@ -150,8 +153,27 @@ def methods_cmd(
         params = "\n".join(
             f"{p.name}={p.default!r}" + (f"  {p.describe_range()}" if p.describe_range() else "") for p in s.params
         )
-        table.add_row(f"[bold]{s.name}[/] v{s.version}\n{s.summary}", inputs, params or "-", s.citation if name else _short(s.citation))
+        info = s.paper_info()
+        cite = f"{info['cite']}" if info else _short(s.citation)
+        table.add_row(f"[bold]{s.name}[/] v{s.version}\n{s.summary}", inputs, params or "-", s.citation if name else cite)
     out.print(table)
+    if name:  # the paper, unwrapped (a folded URL cannot be copied)
+        for line in _method_reference(specs[0]):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _method_reference(spec) -> list[str]:
+    """Title, authors, year, venue and URL of a method's paper (and the papers it also follows)."""
+    d = spec.describe()
+    lines = []
+    if d["paper"]:
+        p = d["paper"]
+        lines += [f"paper: {p['title']}", f"authors: {', '.join(p['authors'])}",
+                  f"year: {p['year'] or 'not stated'}" + (f"; {p['venue']}" if p["venue"] else "")]
+    if d["url"]:
+        lines.append(f"url: {d['url']}")
+    lines += [f"also: {r['cite']}" + (f"  {r['url']}" if r["url"] else "") for r in d["related_papers"]]
+    return lines
 
 
 @app.command("merge")
@@ -245,8 +267,8 @@ def _describe_plan(plan) -> None:
         f"params {json.dumps(plan.params, default=str)}",
         highlight=False,
     )
-    if prof.deviations.strip():
-        console.print(f"[yellow]{prof.deviations.strip()}[/]", highlight=False)
+    if prof.deviations.strip():  # one paragraph, wrapped to the terminal (the YAML's line breaks are not)
+        console.print(f"[yellow]{escape(' '.join(prof.deviations.split()))}[/]", highlight=False)
 
 
 @app.command("eval")
@@ -276,7 +298,7 @@ def eval_cmd(
     plan = _plan(method, suite, pool, profile, set_, seed, quick, results=results)
     _describe_plan(plan)
     stats = run_eval(plan, results, device=device, progress=not no_progress, threads=n_threads, scorer=scorer,
-                     log=lambda m: console.print(m, highlight=False))
+                     log=lambda m: console.print(m, highlight=False, soft_wrap=True))
     console.print(f"{stats['done']} unit(s) evaluated, {stats['cached']} reused from {results} (run {stats['run_id']})")
     table, loss = summarize(plan, results)
     _print_summary(plan, table, loss)
@@ -298,7 +320,7 @@ def _print_summary(plan, table, loss) -> None:
         )
     out.print(t)
     if len(loss):
-        lt = Table(title="merging loss (seed 004 eq. 1), % relative to each task's own expert")
+        lt = Table(title="merging loss (merging-collapse study, eq. 1), % relative to each task's own expert")
         for col in ("n", "merges", "mean loss %", "std"):
             lt.add_column(col, justify="right")
         for n, g in loss.groupby("n"):
@@ -360,10 +382,12 @@ def plan_cmd(
 
     rates = measured_rates([results], plan.pool.name, device, threads=resolve_threads(None))
     pace = Pace(rates)
-    seconds = sum(pace.unit_seconds(plan.n_docs(u.tasks), u.role == "merged") for u in todo)
+    seconds = sum(pace.unit_seconds(plan.n_docs(u.tasks), u.role == "merged", u.unit.method, len(u.members))
+                  for u in todo)
+    merge_s = sum(pace.merge_seconds(u.unit.method, len(u.members)) for u in todo if u.role == "merged")
     console.print(
         f"{len(todo)} of {len(plan.units)} unit(s) to run: {merges} merge(s), {n_docs} documents; estimate "
-        f"~{format_duration(seconds)} ({rates.seconds_per_doc:.3g} s/document, {rates.seconds_per_merge:.3g} s/merge, "
+        f"~{format_duration(seconds)} ({rates.seconds_per_doc:.3g} s/document, {merge_s:.0f} s of merges, "
         f"{rates.seconds_per_unit:.3g} s/unit besides; {rates.basis}).",
         highlight=False,
     )
@@ -491,7 +515,7 @@ def diagnose_cmd(
     kinds: Annotated[str, typer.Option(help="comma-separated: weights,representations,activations")] = "weights,representations,activations",
     layer: Annotated[int, typer.Option(help="hidden layer for HiddenSim/MDS (negative counts from the end)")] = -1,
     layers: Annotated[Optional[str], typer.Option(help="comma-separated hidden layers for activation diagnostics (default: all)")] = None,
-    k: Annotated[int, typer.Option(help="probe documents per task (seed 004: 5)")] = 5,
+    k: Annotated[int, typer.Option(help="probe documents per task (the merging-collapse study uses 5)")] = 5,
     n_boot: Annotated[int, typer.Option(help="bootstrap draws for activation diagnostics")] = 20,
     seed: Annotated[int, typer.Option(help="bootstrap / merge seed")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
@@ -537,7 +561,7 @@ def diagnose_cmd(
                        kinds=tuple(_split(kinds)), layer=layer, activation_layers=activation_layers,
                        n_boot=n_boot, seed=seed, device=device, results_dir=results, pool=p.name,
                        base_model=p.base.spec, method=method, method_version=spec.version if spec else None,
-                       params=parse_sets(set_), log=lambda m: console.print(m, highlight=False))
+                       params=parse_sets(set_), log=lambda m: console.print(m, highlight=False, soft_wrap=True))
     for line in out["summary"]:
         console.print(line, highlight=False)
     written = sum(u.written for u in out["units"])
@@ -553,7 +577,7 @@ def stats_cmd(
     results: Annotated[Path, typer.Option(help="results folder (Parquet store)")] = Path("results"),
     write: Annotated[bool, typer.Option(help="store the statistics in the diagnostics table")] = True,
 ) -> None:
-    """Seed 004 Tables 3-5 on stored runs: ANOVA of merging loss by task vs by method; Pearson of
+    """The merging-collapse study's Tables 3-5 on stored runs: ANOVA of merging loss by task vs by method; Pearson of
     conflict metrics / HiddenSim (pairwise merges) and MDS (merge of all) against merging loss."""
     from .diagnostics.failure import failure_statistics, load_failure_inputs
     from .diagnostics.store import DiagUnit, write_diagnostics
@@ -565,14 +589,14 @@ def stats_cmd(
     console.print(f"[bold]{ctx['suite']}:{ctx['profile']}[/] on pool {ctx['pool']}: {losses['unit_id'].nunique()} "
                   f"merged unit(s), {len(losses)} (unit, task) merging losses, methods: "
                   f"{', '.join(sorted(losses['method'].unique()))}", highlight=False)
-    table = Table(title="One-way ANOVA of merging loss (seed 004 Table 3)")
+    table = Table(title="One-way ANOVA of merging loss (merging-collapse study, Table 3)")
     for col in ("factor", "groups", "n", "F", "p"):
         table.add_column(col)
     for a in st.anova.values():
         table.add_row(a.factor, str(a.n_groups), str(a.n), f"{a.f:.3g}", f"{a.p:.3g}")
     console.print(table)
     pf = st.pearson_frame()
-    table = Table(title="Pearson correlation with merging loss (seed 004 Tables 4-5)")
+    table = Table(title="Pearson correlation with merging loss (merging-collapse study, Tables 4-5)")
     for col in ("scope", "metric", "n", "r", "p"):
         table.add_column(col)
     for r in pf.itertuples():
@@ -609,8 +633,11 @@ def leaderboard_cmd(
     port: Annotated[int, typer.Option(help="port to serve on")] = 8501,
     host: Annotated[str, typer.Option(help="address to bind (default: this machine only)")] = "127.0.0.1",
 ) -> None:
-    """Open the Streamlit leaderboard over a results store."""
-    import os
+    """Open the Streamlit leaderboard over a results store.
+
+    On POSIX the command becomes the Streamlit server (exec), so Ctrl-C or a SIGTERM sent to it
+    stops the server itself and nothing keeps serving the port; elsewhere the server runs as a
+    child that is stopped with the command."""
     import subprocess
 
     app_py = Path(__file__).resolve().parents[1] / "leaderboard" / "app.py"
@@ -619,14 +646,25 @@ def leaderboard_cmd(
     try:
         import streamlit  # noqa: F401
     except ImportError:
-        _fail("the leaderboard needs streamlit: pip install 'mergebench[leaderboard]'")
+        _fail("the leaderboard needs streamlit, a dependency of mergebench that is not installed in this "
+              f"environment ({sys.executable}): pip install 'streamlit>=1.40'")
     env = {**os.environ, "MERGEBENCH_RESULTS": str(results.resolve())}
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_py),
            "--server.address", host, "--server.port", str(port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
            "--", "--results", str(results.resolve())]
     console.print(f"mergebench leaderboard on http://{host}:{port}  (results: {results})")
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    if os.name == "posix":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, cmd, env)  # no return: signals now reach Streamlit directly
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        code = proc.wait()
+    raise typer.Exit(code)
 
 
 @app.command("report")
@@ -636,14 +674,18 @@ def report_cmd(
     fmt: Annotated[str, typer.Option("--format", help="md, csv or html")] = "md",
     plots: Annotated[Optional[Path], typer.Option(help="also write scaling-curve PNGs into this folder")] = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="write here instead of stdout")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="seed of the bootstrap CIs, rank intervals and P(best)")] = 0,
 ) -> None:
     """The leaderboard's rankings as static tables (papers, CI logs)."""
-    from .report import write_report
+    from .report import store_notice, write_report
 
     if fmt not in ("md", "csv", "html"):
         _fail("--format must be md, csv or html")
+    notice = store_notice(results)
+    if notice:
+        console.print(f"[bold yellow]warning:[/] {escape(notice)}", highlight=False, soft_wrap=True)
     try:
-        text = write_report(results, suite=suite, fmt=fmt, plots_dir=plots, out=out_file)
+        text = write_report(results, suite=suite, fmt=fmt, plots_dir=plots, out=out_file, seed=seed)
     except ImportError as exc:  # matplotlib missing for --plots
         _fail(f"{exc}; --plots needs matplotlib")
     if out_file is None:
@@ -679,7 +721,8 @@ def pools_cmd(
 def suites_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """List the suites and their profiles (paper / embedded / quick)."""
+    """List the suites (with the paper each reproduces) and their profiles (paper / embedded / quick)."""
+    from .papers import get_paper
     from .suites import list_suites
 
     suites = list_suites()
@@ -695,7 +738,9 @@ def suites_cmd(
             sam = d["sampler"]
             sampler = f"{sam['mode']} n={sam['sizes']} x{sam['subsets_per_size']}" if sam["sizes"] else f"groups {sam['groups']}"
             label = key + (" (default)" if key == s.default_profile else "")
-            table.add_row(s.id, label, ", ".join(d["pools"]), str(len(d["tasks"])), sampler, str(d["docs_per_task"] or "all"))
+            paper = f"\n{get_paper(s.paper).short_title}" if s.paper and key == next(iter(s.profiles)) else ""
+            table.add_row(s.id + paper, label, ", ".join(d["pools"]), str(len(d["tasks"])), sampler,
+                          str(d["docs_per_task"] or "all"))
     out.print(table)
 
 
@@ -707,7 +752,11 @@ app.add_typer(zoo, name="zoo")
 def zoo_build(
     experts: Annotated[Optional[str], typer.Option(help="comma-separated expert names (default: all)")] = None,
 ) -> None:
-    """Train the pool's experts from the committed data and seeds (deterministic; ~30 min on 2 CPU cores)."""
+    """Train the pool's experts from the committed data and seeds (deterministic; ~55 min on 2 shared cores).
+
+    Measured: 55 min of training on 2 shared AMD EPYC cores, plus scoring
+    (the per-expert train_seconds in suites/embedded/experts/pool.json).
+    Idle cores: ~35-40 min (estimate). No GPU build time was measured."""
     from .zoo import pool
 
     pool.build(_split(experts) or None, log=console.print)

@@ -23,9 +23,9 @@ __all__ = ["ASSUMED_SECONDS_PER_DOC", "ASSUMED_SECONDS_PER_MERGE", "ASSUMED_SECO
 
 # Measured: `mergebench eval --method karcher --suite inthewild` on 2 idle AMD EPYC cores, 2 threads,
 # prefix-sharing scorer (SmolLM2-135M, 540 documents per unit).
-ASSUMED_SECONDS_PER_DOC = 0.035
-ASSUMED_SECONDS_PER_MERGE = 3.0
-ASSUMED_SECONDS_PER_UNIT = 4.0  # loading or materializing the model, its task-vector norm, writing rows
+ASSUMED_SECONDS_PER_DOC = 0.065
+ASSUMED_SECONDS_PER_MERGE = 2.7
+ASSUMED_SECONDS_PER_UNIT = 1.0  # loading or materializing the model, its task-vector norm, writing rows
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,14 @@ class Rates:
     units_measured: int = 0
     peak_rss_bytes: int | None = None
     seconds_per_unit: float = ASSUMED_SECONDS_PER_UNIT  # what a unit costs beyond its merge and scoring
+    # merge seconds per merged expert, by method (None: every method): merges grow with n and differ
+    # by method (TIES' top-k at n = 8 takes 3x Karcher's streaming mean)
+    merge_per_expert: dict[str | None, float] = field(default_factory=dict)
+
+    def merge_seconds(self, method: str | None = None, n: int | None = None) -> float:
+        """Expected seconds of one merge of ``n`` experts with ``method``."""
+        rate = self.merge_per_expert.get(method, self.merge_per_expert.get(None))
+        return rate * n if rate is not None and n else self.seconds_per_merge
 
 
 def _device_kind(device: str | None) -> str:
@@ -43,17 +51,17 @@ def _device_kind(device: str | None) -> str:
 
 
 _QUERY = """
-    WITH per_task AS (SELECT unit_id, any_value(pool) AS pool, any_value(role) AS role, task,
-                             max(n_docs) AS n_docs FROM results GROUP BY unit_id, task),
-         units AS (SELECT unit_id, any_value(pool) AS pool, any_value(role) AS role, sum(n_docs) AS docs
-                   FROM per_task GROUP BY unit_id)
-    SELECT u.unit_id, u.role, u.docs, any_value(p.merge_wall_s) AS merge_s, any_value(p.eval_wall_s) AS eval_s,
+    WITH per_task AS (SELECT unit_id, any_value(pool) AS pool, any_value(role) AS role, any_value(method) AS method,
+                             any_value(n) AS n, task, max(n_docs) AS n_docs FROM results GROUP BY unit_id, task),
+         units AS (SELECT unit_id, any_value(pool) AS pool, any_value(role) AS role, any_value(method) AS method,
+                          any_value(n) AS n, sum(n_docs) AS docs FROM per_task GROUP BY unit_id)
+    SELECT u.unit_id, u.role, u.method, u.n, u.docs, any_value(p.merge_wall_s) AS merge_s, any_value(p.eval_wall_s) AS eval_s,
            any_value(p.unit_wall_s) AS unit_s,
            any_value(p.merge_peak_rss_bytes) AS rss, any_value(p.device) AS device,
            any_value(p.cpu_model) AS cpu_model, any_value(p.threads) AS threads, any_value(p.scorer) AS scorer
     FROM units u JOIN provenance p ON p.unit_id = u.unit_id
     WHERE u.pool = ? AND p.eval_wall_s IS NOT NULL AND u.docs > 0
-    GROUP BY u.unit_id, u.role, u.docs"""
+    GROUP BY u.unit_id, u.role, u.method, u.n, u.docs"""
 
 
 def measured_rates(results_dirs: Iterable[str | os.PathLike], pool: str, device: str = "cpu", *,
@@ -85,7 +93,11 @@ def measured_rates(results_dirs: Iterable[str | os.PathLike], pool: str, device:
         return Rates(ASSUMED_SECONDS_PER_DOC, ASSUMED_SECONDS_PER_MERGE,
                      f"assumed: embedded 135M pool on 2 AMD EPYC cores; no stored timings of pool {pool!r} on {kind} "
                      f"with the {scorer} scorer")
-    merges = d[d["role"] == "merged"]["merge_s"].dropna()
+    merged = d[(d["role"] == "merged") & d["merge_s"].notna() & (d["n"] > 0)]
+    merges = merged["merge_s"]
+    per_expert = merged["merge_s"] / merged["n"]
+    rates = {None: float(per_expert.median())} if len(merged) else {}
+    rates.update({m: float(v) for m, v in per_expert.groupby(merged["method"]).median().items()})
     rss = d["rss"].dropna()
     overhead = (d["unit_s"] - d["eval_s"] - d["merge_s"].fillna(0.0)).dropna()
     return Rates(
@@ -95,6 +107,7 @@ def measured_rates(results_dirs: Iterable[str | os.PathLike], pool: str, device:
         units_measured=len(d),
         peak_rss_bytes=int(rss.max()) if len(rss) else None,
         seconds_per_unit=float(overhead.clip(lower=0).median()) if len(overhead) else ASSUMED_SECONDS_PER_UNIT,
+        merge_per_expert=rates,
     )
 
 
@@ -107,35 +120,38 @@ def _torch_threads() -> int:
 @dataclass
 class Pace:
     """Seconds per document, per merge and per unit for ETAs: ``prior`` until this run has
-    measured its own (then the run's own means)."""
+    measured its own (then the run's own means; merges per merged expert, by method)."""
 
     prior: Rates
     docs: int = 0
     eval_seconds: float = 0.0
-    merge_times: list[float] = field(default_factory=list)
+    merges: list[tuple[str | None, int, float]] = field(default_factory=list)  # (method, n, seconds)
     overheads: list[float] = field(default_factory=list)
 
-    def observe(self, docs: int, eval_seconds: float, unit_seconds: float, merge_seconds: float | None = None) -> None:
+    def observe(self, docs: int, eval_seconds: float, unit_seconds: float, merge_seconds: float | None = None,
+                method: str | None = None, n: int | None = None) -> None:
         self.docs += docs
         self.eval_seconds += eval_seconds
         if merge_seconds is not None:
-            self.merge_times.append(merge_seconds)
+            self.merges.append((method, n or 1, merge_seconds))
         self.overheads.append(max(0.0, unit_seconds - eval_seconds - (merge_seconds or 0.0)))
 
     @property
     def seconds_per_doc(self) -> float:
         return self.eval_seconds / self.docs if self.docs else self.prior.seconds_per_doc
 
-    @property
-    def seconds_per_merge(self) -> float:
-        return sum(self.merge_times) / len(self.merge_times) if self.merge_times else self.prior.seconds_per_merge
+    def merge_seconds(self, method: str | None = None, n: int | None = None) -> float:
+        own = [s / k for m, k, s in self.merges if m == method] or [s / k for _, k, s in self.merges]
+        if own and n:
+            return sum(own) / len(own) * n
+        return self.prior.merge_seconds(method, n)
 
     @property
     def seconds_per_unit(self) -> float:
         return sum(self.overheads) / len(self.overheads) if self.overheads else self.prior.seconds_per_unit
 
-    def unit_seconds(self, docs: int, merged: bool) -> float:
-        return docs * self.seconds_per_doc + (self.seconds_per_merge if merged else 0.0) + self.seconds_per_unit
+    def unit_seconds(self, docs: int, merged: bool, method: str | None = None, n: int | None = None) -> float:
+        return docs * self.seconds_per_doc + (self.merge_seconds(method, n) if merged else 0.0) + self.seconds_per_unit
 
 
 def format_duration(seconds: float) -> str:

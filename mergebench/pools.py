@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from . import papers
 from .errors import MergebenchError
 
 __all__ = [
@@ -355,14 +356,23 @@ class Pool(BaseModel):
 
     name: str
     title: str = ""
-    seed: str | None = Field(None, description="seed paper number, e.g. '001'")
-    reference: str = Field("", description="where in the seed the pool is listed")
+    paper: str | None = Field(None, description="key of the pool's paper in suites/papers/papers.yaml")
+    reference: str = Field("", description="where in the paper the pool is listed")
     base: ModelRef
     experts: list[ModelRef] = Field(default_factory=list)
     experts_manifest: str | None = Field(
         None, description="JSON manifest (relative to the suites root) listing zoo experts"
     )
     placeholders: dict[str, str] = Field(default_factory=dict, description="NAME -> what to supply")
+
+    _legacy_seed = model_validator(mode="before")(papers.legacy_seed)
+    _paper_key = field_validator("paper")(papers.paper_key)
+
+    @property
+    def seed(self) -> str | None:
+        """Maintainer-only: the seed number of :attr:`paper` (old files said ``seed: "001"``)."""
+        return papers.seed_of(self.paper)
+
     vocab_policy: Literal["error", "truncate", "base"] = "error"
     notes: str = ""
 
@@ -452,7 +462,7 @@ class Pool(BaseModel):
         return {
             "name": self.name,
             "title": self.title,
-            "seed": self.seed,
+            "paper": self.paper,
             "reference": self.reference,
             "file": str(self._file) if self._file else None,
             "base": self.base.describe(locate),

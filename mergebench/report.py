@@ -12,13 +12,18 @@ defined here fall back to ``acc`` (else the alphabetically first metric), so any
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import functools
 import html as _html
 import json
+import math
 import os
 import shlex
 import threading
 import warnings
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,16 +31,45 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mergebench import metrics, store
+from mergebench import metrics, papers, store
+from mergebench.errors import MergebenchError
 
-#: Bootstrap resamples used by the leaderboard/report (seeded, so tables are reproducible).
+#: Bootstrap of the leaderboard and the report: seed and resamples (NumPy ``Generator(PCG64(seed))``,
+#: units in unit-id order), shown under every table so an interval can be recomputed digit for digit.
+BOOT_SEED = 0
 N_BOOT_CI = 1_000
 N_BOOT_RANK = 1_000
 _LOCK = threading.RLock()
 
-RANKING_COLUMNS = ["source", "rank", "method", "params", "n_units", "score", "ci_low", "ci_high", "rank_low",
-                   "rank_high", "p_best", "p_gt_base", "gain_vs_base_pp", "p_gt_best_expert", "gain_vs_best_expert_pp",
-                   "merge_wall_s", "merge_peak_gib", "eval_wall_s", "table"]
+RANKING_COLUMNS = ["source", "rank", "rank_label", "variant", "method", "params", "params_label", "n_units", "sizes",
+                   "score", "ci_low", "ci_high", "rank_low", "rank_high", "p_best", "p_gt_base", "gain_vs_base_pp",
+                   "p_gt_best_expert", "gain_vs_best_expert_pp", "merge_wall_s", "eval_wall_s", "merge_peak_gib",
+                   "table"]
+
+
+
+class SelectionError(MergebenchError, ValueError):
+    """A ranking asked for over a selection that pools several suites, profiles or pools."""
+
+
+def bootstrap_note(seed: int = BOOT_SEED, n_boot_ci: int = N_BOOT_CI, n_boot_rank: int = N_BOOT_RANK) -> str:
+    """The line under every ranking that says how its intervals were drawn."""
+    return (f"Bootstrap: seed {seed} (NumPy PCG64), {n_boot_ci:,} resamples for the 95 % CIs, {n_boot_rank:,} for "
+            "the rank intervals and P(best); units resampled in unit-id order, shared subsets jointly.")
+
+
+def table_title(table: str | None) -> str:
+    """``seed001_table2`` -> ``in-the-wild merging study, Table 2``: the paper's short title from
+    the registry (unknown ids are returned as is)."""
+    if not table:
+        return ""
+    key, _, rest = str(table).partition("_")
+    if key.startswith("seed") and rest.startswith("table"):
+        try:
+            return f"{papers.paper_for_seed(key).short_title}, Table {rest[len('table'):]}"
+        except papers.UnknownPaperError:
+            pass
+    return str(table)
 
 _UNIT_COLS = ["suite", "suite_version", "profile", "pool", "base_model", "method", "method_version", "params_json",
               "seed", "subset", "n", "role", "run_id"]
@@ -64,7 +98,7 @@ def headline_map() -> pd.DataFrame:
 
 
 def loss_profiles() -> set[tuple[str, str]]:
-    """(suite, profile) pairs whose headline is the merging loss (seed 004 eq. 1), not the score."""
+    """(suite, profile) pairs whose headline is the merging loss (the merging-collapse study eq. 1), not the score."""
     out = set()
     try:
         from mergebench.suites import list_suites
@@ -85,6 +119,13 @@ def unit_merging_loss(con, f: Filters, merged: pd.DataFrame) -> pd.Series:
     glue-style profile scores every expert on its own task only); a task scored by several
     experts has no defined expert and is left out.
     """
+    loss = task_merging_loss(con, f, merged)
+    return metrics.average_merging_loss(loss).set_index("unit_id")["merging_loss_pct"]
+
+
+def task_merging_loss(con, f: Filters, merged: pd.DataFrame) -> pd.DataFrame:
+    """Merging loss (%) per (merged unit of `merged`, task of its own members), as
+    :func:`metrics.merging_loss` returns it; the experts are found as in :func:`unit_merging_loss`."""
     where, params = f.where(refs=True)
     keys = ", ".join(metrics.GROUP_KEYS)
     rows = df(con, f"SELECT unit_id, {keys}, role, subset, method, n, task, value FROM headline_rows "
@@ -93,8 +134,7 @@ def unit_merging_loss(con, f: Filters, merged: pd.DataFrame) -> pd.Series:
     owners = ex.assign(expert=_first(ex["subset"])).groupby("task")["expert"].unique()
     task_expert = {t: e[0] for t, e in owners.items() if len(e) == 1}
     m = rows[rows["unit_id"].isin(merged["unit_id"])]
-    loss = metrics.merging_loss(m, ex, task_expert)
-    return metrics.average_merging_loss(loss).set_index("unit_id")["merging_loss_pct"]
+    return metrics.merging_loss(m, ex, task_expert)
 
 
 def _first(subset: pd.Series) -> pd.Series:
@@ -224,6 +264,13 @@ def choices(con) -> dict[str, list]:
     return out
 
 
+def run_groups(con) -> pd.DataFrame:
+    """One row per (suite, profile, pool) with merged run rows: its merge sizes (sorted list) and
+    when it was last written, the most recent first (the leaderboard's filters offer these)."""
+    return df(con, """SELECT suite, profile, pool, list(DISTINCT n ORDER BY n) AS sizes, max(created_at) AS last
+                      FROM results WHERE role = 'merged' GROUP BY ALL ORDER BY last DESC, suite, profile, pool""")
+
+
 # ---------------------------------------------------------------------------------- ranking
 
 
@@ -254,10 +301,67 @@ def unit_table(con, f: Filters) -> pd.DataFrame:
                         FROM headline_rows WHERE {where} GROUP BY unit_id""", params))
 
 
+#: Short names of common parameters in :func:`params_label`; others keep their own name.
+_PARAM_SHORT = {"lambda": "λ", "density": "d", "weight": "w", "weights": "w", "beta": "β", "eta": "η",
+                "epsilon": "ε", "normalize": "norm", "consensus": "sign", "max_iter": "iters"}
+_PARAM_FIRST = ("lambda", "density", "t", "weight", "weights")
+
+
+@functools.lru_cache(maxsize=None)
+def _method_defaults(method: str) -> tuple[tuple[str, Any], ...]:
+    """(name, default) of a registered method's parameters; () for a method that is not installed."""
+    try:
+        from mergebench.methods import get_method
+
+        return tuple((p["name"], p.get("default")) for p in get_method(method).describe().get("params") or [])
+    except Exception:  # noqa: BLE001 - a plugin missing here still gets a label (all its params)
+        return ()
+
+
+def _value_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        items = [_value_text(x) for x in v]
+        return "[" + ",".join(items[:4]) + (f",…] ({len(items)})" if len(items) > 4 else "]")
+    return str(v)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or a == b and type(a) is type(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def params_label(method: str | None, params_json: str | None) -> str:
+    """A configuration in a few characters: the parameters that differ from the method's defaults,
+    short names first (``{"lambda": 0.1, "density": 0.1, "normalize": true, ...}`` -> ``λ=0.1 d=0.1``);
+    ``default`` when every parameter has its default. The full JSON stays in ``params``."""
+    try:
+        params = json.loads(params_json) if params_json else {}
+    except ValueError:
+        return str(params_json)
+    defaults = dict(_method_defaults(method)) if method else {}
+    keep = {k: v for k, v in params.items() if not (k in defaults and _same(v, defaults[k]))
+            and not (v is None and k not in defaults)}
+    order = sorted(keep, key=lambda k: (_PARAM_FIRST.index(k) if k in _PARAM_FIRST else len(_PARAM_FIRST), k))
+    return " ".join(f"{_PARAM_SHORT.get(k, k)}={_value_text(keep[k])}" for k in order) or "default"
+
+
 def _variant(merged: pd.DataFrame) -> pd.Series:
-    """Method label; a method run with several parameter sets gets its params appended."""
+    """Method label; a method run with several parameter sets gets its short params label appended
+    (the full JSON where two configurations of a method would share a label)."""
+    pj = merged["params_json"].fillna("{}")
     multi = merged.groupby("method")["params_json"].transform("nunique") > 1
-    return merged["method"].where(~multi, merged["method"] + " " + merged["params_json"].fillna("{}"))
+    labels = pd.Series([params_label(m, j) for m, j in zip(merged["method"], pj)], index=merged.index)
+    clash = (pd.DataFrame({"m": merged["method"], "l": labels, "j": pj}).groupby(["m", "l"])["j"]
+             .transform("nunique") > 1)
+    suffix = pj.where(clash, labels)
+    return merged["method"].where(~multi, merged["method"] + " " + suffix)
 
 
 def merge_cost(con, units: pd.DataFrame) -> pd.DataFrame:
@@ -278,19 +382,41 @@ COSTS = {"merge_wall_s": "merge wall time (s, mean per unit)",
          "unit_cost_s": "merge + evaluation wall time (s, mean per unit)"}
 
 
+def _group_label(row) -> str:
+    return f"{row.suite}@{row.suite_version} / {row.profile} / {row.pool} (base {row.base_model})"
+
+
+def _one_group(merged: pd.DataFrame) -> None:
+    """Refuse to rank merged units of several (suite, version, profile, pool, base) groups together:
+    their scores average different tasks, references and subset sizes."""
+    keys = [k for k in metrics.GROUP_KEYS if k in merged]
+    groups = merged[keys].astype("string").fillna("-").drop_duplicates().sort_values(keys)
+    if len(groups) > 1:
+        shown = ", ".join(_group_label(r) for r in groups.itertuples(index=False))
+        raise SelectionError(f"the selection pools {len(groups)} result groups ({shown}); rank one suite, profile "
+                             "and pool at a time (report.ranking_groups splits a selection)")
+
+
 def run_ranking(con, f: Filters, *, n_boot_ci: int = N_BOOT_CI, n_boot_rank: int = N_BOOT_RANK,
-                seed: int = 0) -> pd.DataFrame:
+                seed: int = BOOT_SEED) -> pd.DataFrame:
     """Methods ranked by mean headline score of the selected merged units (source='run').
 
-    Columns: RANKING_COLUMNS. Rank intervals resample shared subsets jointly when every method has
-    every subset (metrics.rank_intervals); gains are in percentage points (seed 001's definition).
+    Columns: RANKING_COLUMNS. The selection must hold one (suite, profile, pool) group
+    (:class:`SelectionError` otherwise; :func:`ranking_groups` splits one). The seeded bootstrap
+    (`seed`, `n_boot_ci`, `n_boot_rank`, recorded in ``.attrs["bootstrap"]``) runs over the units
+    in unit-id order, so two calls, and the app and the report, give the same digits. Rank
+    intervals resample shared subsets jointly when every method has every subset
+    (metrics.rank_intervals); exact ties share a rank, ``rank_label`` marks them ``=1``; gains are
+    in percentage points (the in-the-wild merging study's definition).
     """
-    units = unit_table(con, f)
+    units = unit_table(con, f).sort_values("unit_id", kind="stable", ignore_index=True)
     merged = units[units["role"] == "merged"]
+    boot = {"seed": seed, "n_boot_ci": n_boot_ci, "n_boot_rank": n_boot_rank}
     if merged.empty:
-        return pd.DataFrame(columns=RANKING_COLUMNS)
+        return _with_boot(pd.DataFrame(columns=RANKING_COLUMNS), boot)
+    _one_group(merged)
     comp = metrics.compare_to_references(units)
-    comp = comp[comp["role"] == "merged"].copy()
+    comp = comp[comp["role"] == "merged"].sort_values("unit_id", kind="stable", ignore_index=True)
     comp["variant"] = _variant(comp)
     by_loss = set(zip(comp["suite"], comp["profile"].fillna(""))) <= loss_profiles()
     if by_loss:  # glue-style: merges are scored on their members' tasks; rank by merging loss
@@ -299,36 +425,107 @@ def run_ranking(con, f: Filters, *, n_boot_ci: int = N_BOOT_CI, n_boot_rank: int
         for c in ("beats_base", "gain_vs_base_pp", "beats_best_expert", "gain_vs_best_expert_pp"):
             comp[c] = np.nan
         if comp.empty:
-            return pd.DataFrame(columns=RANKING_COLUMNS + ["merging_loss_pct"])
+            return _with_boot(pd.DataFrame(columns=RANKING_COLUMNS + ["merging_loss_pct"]), boot)
     ci = metrics.bootstrap_ci_by(comp, ["variant"], n_boot=n_boot_ci, seed=seed)
     ri = metrics.rank_intervals(comp, method_col="variant", n_boot=n_boot_rank, seed=seed)
     g = comp.groupby("variant", sort=True)
     agg = pd.DataFrame({
         "method": g["method"].first(), "params": g["params_json"].first(),
+        "sizes": g["n"].agg(lambda x: ", ".join(str(v) for v in sorted({int(n) for n in x}))),
         "p_gt_base": g["beats_base"].apply(lambda s: s.astype("float64").mean()),
         "gain_vs_base_pp": g["gain_vs_base_pp"].mean(),
         "p_gt_best_expert": g["beats_best_expert"].apply(lambda s: s.astype("float64").mean()),
         "gain_vs_best_expert_pp": g["gain_vs_best_expert_pp"].mean(),
     }).reset_index()
-    out = (ri[["variant", "rank", "rank_low", "rank_high", "p_best"]]
+    out = (ri[["variant", "rank", "tied", "rank_low", "rank_high", "p_best"]]
            .merge(ci.rename(columns={"mean": "score"}), on="variant")
            .merge(agg, on="variant"))
     out = out.merge(merge_cost(con, comp), on="variant", how="left")
     out["source"] = "run"
     out["table"] = None
-    out = out.sort_values(["rank", "score"], ascending=[True, False]).reset_index(drop=True)
+    out["rank_label"] = [f"={r}" if t else str(r) for r, t in zip(out["rank"], out["tied"])]
+    out["params_label"] = [params_label(m, j) for m, j in zip(out["method"], out["params"])]
+    out = out.sort_values(["rank", "variant"]).reset_index(drop=True)
     if by_loss:  # the bootstrap CI and rank intervals above are over the units' merging losses
-        return out.assign(merging_loss_pct=out["score"], score=np.nan)[RANKING_COLUMNS + ["merging_loss_pct"]]
-    return out[RANKING_COLUMNS]
+        out = out.assign(merging_loss_pct=out["score"], score=np.nan)[RANKING_COLUMNS + ["merging_loss_pct"]]
+        return _with_boot(out, boot)
+    return _with_boot(out[RANKING_COLUMNS], boot)
+
+
+def _with_boot(t: pd.DataFrame, boot: dict) -> pd.DataFrame:
+    t.attrs["bootstrap"] = dict(boot)
+    return t
+
+
+def ranked_value(rank: pd.DataFrame) -> str:
+    """The column a ranking is ordered by: ``merging_loss_pct`` on glue-style profiles, else ``score``."""
+    run = rank[rank["source"] == "run"] if "source" in rank else rank
+    if "merging_loss_pct" in run and len(run) and run["score"].isna().all():
+        return "merging_loss_pct"
+    return "score"
+
+
+def task_scores(con, f: Filters, rank: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Open LLM Leaderboard-style per-task table of one (suite, profile, pool) selection: one row per
+    ranked variant, one column per task holding the mean over its merged units of the task's
+    headline metric (the merging loss, %, on glue-style profiles) and ``average``, the unweighted
+    mean of the task columns. With the selection's `rank` (:func:`ranking`), rows carry its rank and
+    follow its order. Variant labels are :func:`run_ranking`'s."""
+    where, params = f.where()
+    rows = _with_config_params(df(con, f"""SELECT unit_id, any_value(suite) AS suite, any_value(profile) AS profile,
+                                        any_value(method) AS method, any_value(params_json) AS params_json,
+                                        any_value(subset) AS subset, any_value(n) AS n, task, avg(value) AS value
+                                 FROM headline_rows WHERE role = 'merged' AND {where} GROUP BY unit_id, task""",
+                                  params))
+    lead = ["rank", "rank_label", "variant", "method", "params_label", "average"]
+    if rows.empty:
+        return pd.DataFrame(columns=lead)
+    units = rows.drop_duplicates("unit_id")
+    variant = dict(zip(units["unit_id"], _variant(units)))
+    if set(zip(units["suite"], units["profile"].fillna(""))) <= loss_profiles():
+        loss = task_merging_loss(con, f, units)
+        rows = loss.rename(columns={"merging_loss_pct": "value"})[["unit_id", "task", "value"]]
+    rows = rows.assign(variant=rows["unit_id"].map(variant))
+    piv = rows.pivot_table(index="variant", columns="task", values="value", aggfunc="mean").sort_index(axis=1)
+    tasks = list(piv.columns)
+    piv.columns.name = None
+    piv.insert(0, "average", piv[tasks].mean(axis=1))
+    piv = piv.reset_index()
+    first = units.assign(variant=units["unit_id"].map(variant)).drop_duplicates("variant").set_index("variant")
+    piv.insert(1, "method", piv["variant"].map(first["method"]))
+    piv.insert(2, "params_label", [params_label(m, first.loc[v, "params_json"]) for m, v in
+                                   zip(piv["method"], piv["variant"])])
+    if rank is not None and len(rank):
+        r = rank[rank["source"] == "run"] if "source" in rank else rank
+        r = r.drop_duplicates("variant").set_index("variant")
+        piv.insert(0, "rank", piv["variant"].map(r["rank"]).astype("Int64"))
+        piv.insert(1, "rank_label", piv["variant"].map(r["rank_label"]))
+        order = {v: i for i, v in enumerate(r.index)}
+        piv = piv.sort_values("variant", key=lambda s: s.map(order).fillna(len(order))).reset_index(drop=True)
+    else:
+        piv = piv.sort_values("average", ascending=False).reset_index(drop=True)
+    return piv
+
+
+def ranking_groups(con, f: Filters, **kw) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """[(group, :func:`ranking`)] for every (suite, profile, pool) with merged run rows in the
+    selection `f` (its suite, profile and pool narrow the groups; None = each one separately)."""
+    where, params = f.where()
+    groups = df(con, f"SELECT DISTINCT suite, profile, pool FROM results WHERE role = 'merged' AND {where} "
+                     "ORDER BY ALL", params)
+    return [({"suite": g.suite, "profile": g.profile, "pool": g.pool},
+             ranking(con, dataclasses.replace(f, suite=g.suite, profile=g.profile, pool=g.pool), **kw))
+            for g in groups.itertuples(index=False)]
 
 
 def paper_ranking(con, f: Filters) -> pd.DataFrame:
     """Published (source='paper') rows summarised like :func:`run_ranking`, one row per table,
     pool, method and n; only the quantities the paper prints are filled (score = reported average
-    accuracy for seed 000, P(>base)/gains for seed 001, merging loss for seed 004)."""
+    accuracy for the Fisher–Rao merging paper, P(>base)/gains for the in-the-wild merging study,
+    merging loss for the merging-collapse study)."""
     where, params = f.where(refs=False)
     q = f"""
-        SELECT 'paper' AS source, "table", pool, base_model, method, n,
+        SELECT 'paper' AS source, "table", suite, profile, pool, base_model, method, n,
                any_value(label) AS label,
                avg(value) FILTER (metric = 'reported_average' AND (averaged_metric IS NULL
                                   OR averaged_metric LIKE 'acc%')) AS score,
@@ -348,18 +545,110 @@ def paper_ranking(con, f: Filters) -> pd.DataFrame:
 
 
 def ranking(con, f: Filters, **kw) -> pd.DataFrame:
-    """Reproduced and published rows in one table (`source` says which); run rows first."""
+    """Reproduced and published rows in one table (`source` says which); run rows first.
+
+    The published rows are those of the selection's suite and n in any profile and pool (the
+    papers' own models); they are never ranked. A run row's ``paper`` column quotes the published
+    rows of the same method, configuration and n (:func:`match_paper`)."""
     run = run_ranking(con, f, **kw)
-    pap = paper_ranking(con, f)
+    boot = dict(run.attrs.get("bootstrap", {}))
+    pap = paper_ranking(con, dataclasses.replace(f, profile=None, pool=None))
+    if not run.empty:
+        run["paper"] = paper_column(run, match_paper(run, pap)).to_numpy()
     if pap.empty:
         return run
     pap = pap.assign(params=None, rank=pd.NA, ci_low=np.nan, ci_high=np.nan, rank_low=pd.NA, rank_high=pd.NA,
-                     p_best=np.nan, merge_wall_s=np.nan, merge_peak_gib=np.nan, eval_wall_s=np.nan)
-    extra = [c for c in ("pool", "n", "label", "merging_loss_pct") if c in pap]
+                     p_best=np.nan, merge_wall_s=np.nan, merge_peak_gib=np.nan, eval_wall_s=np.nan,
+                     rank_label=None, variant=pap["method"], params_label=None, sizes=pap["n"].astype("string"))
+    extra = [c for c in ("suite", "profile", "pool", "n", "label", "merging_loss_pct") if c in pap]
     if run.empty:
-        return pap[RANKING_COLUMNS + extra]
+        return _with_boot(pap[RANKING_COLUMNS + extra].reset_index(drop=True), boot)
     run = run.astype({"rank": "Int64", "rank_low": "Int64", "rank_high": "Int64"})
-    return pd.concat([run, pap[RANKING_COLUMNS + extra]], ignore_index=True)
+    return _with_boot(pd.concat([run, pap[RANKING_COLUMNS + extra]], ignore_index=True), boot)
+
+
+@functools.lru_cache(maxsize=256)
+def _paper_config(suite: str, method: str, profile: str | None) -> str | None:
+    """JSON of the hyperparameters a suite file records for `method` in the paper's `profile`
+    (suite-level params, profile overrides applied); None when the suite cannot be loaded."""
+    try:
+        from mergebench.suites import load_suite
+
+        s = load_suite(suite)
+    except Exception:  # noqa: BLE001 - a store may hold suites this checkout does not define
+        return None
+    params = dict(s.methods[method].params) if method in s.methods else {}
+    if profile in s.profiles:
+        params.update(s.profiles[profile].methods.get(method, {}))
+    return store.canonical_json(params)
+
+
+def _non_default(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    defaults = dict(_method_defaults(method))
+    return {k: v for k, v in params.items()
+            if not (k in defaults and _same(v, defaults[k])) and not (v is None and k not in defaults)}
+
+
+def same_configuration(method: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two parameter sets of `method` describe the same merge: equal once parameters at the
+    method's default are left out (the store records every parameter, a suite only the paper's)."""
+    a, b = _non_default(method, a), _non_default(method, b)
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+
+
+MATCH_COLUMNS = ["variant", "table", "suite", "profile", "pool", "n", "label", "score", "p_gt_base", "gain_vs_base_pp",
+                 "p_gt_best_expert", "gain_vs_best_expert_pp", "merging_loss_pct"]
+
+
+def match_paper(run: pd.DataFrame, pap: pd.DataFrame) -> pd.DataFrame:
+    """The published rows that report the same merge as a run row: same method, the configuration
+    the suite file records for that paper (:func:`same_configuration` with the run's params) and
+    the same n (a run row averaging several sizes matches nothing). Never matched on a name alone.
+    Returns one row per (run variant, published row): :data:`MATCH_COLUMNS`."""
+    run = run[run["source"] == "run"] if "source" in run else run
+    if run.empty or pap.empty:
+        return pd.DataFrame(columns=MATCH_COLUMNS)
+    pap = pap[pap["method"].notna() & pap["n"].notna()]
+    out = []
+    for r in run.itertuples(index=False):  # ranked variants (a few dozen), not result rows
+        sizes = {int(x) for x in str(r.sizes).split(",") if x.strip()}
+        if len(sizes) != 1:
+            continue
+        cand = pap[(pap["method"] == r.method) & (pap["n"].astype(int) == next(iter(sizes)))]
+        if cand.empty:
+            continue
+        run_params = json.loads(r.params) if r.params else {}
+        for (suite, profile), c in cand.groupby(["suite", "profile"], dropna=False, sort=True):
+            cfg = _paper_config(suite, r.method, None if pd.isna(profile) else profile)
+            if cfg is not None and same_configuration(r.method, run_params, json.loads(cfg)):
+                out.append(c.assign(variant=r.variant))
+    if not out:
+        return pd.DataFrame(columns=MATCH_COLUMNS)
+    m = pd.concat(out, ignore_index=True)
+    return m[[c for c in MATCH_COLUMNS if c in m]].reset_index(drop=True)
+
+
+_PAPER_QUANTITIES = (("score", "{:.3f}", "", ""), ("merging_loss_pct", "{:+.1f}", "", " %"),
+                     ("gain_vs_base_pp", "{:+.2f}", "Δ base ", " pp"), ("p_gt_base", "{:.2f}", "P(>base) ", ""))
+
+
+def paper_column(run: pd.DataFrame, matches: pd.DataFrame) -> pd.Series:
+    """Per run row, the matched published value of the same quantity the row is ranked by where the
+    paper prints it (score, merging loss), else its gain over the base or P(>base): one value, or
+    the range (``lo…hi``) over the paper's models; blank without a match."""
+    texts = []
+    for v in run["variant"]:
+        m = matches[matches["variant"] == v] if len(matches) else matches
+        text = ""
+        for col, fmt, pre, post in _PAPER_QUANTITIES:
+            vals = m[col].dropna().astype(float) if col in m else pd.Series(dtype=float)
+            if len(vals):
+                lo, hi = vals.min(), vals.max()
+                text = (pre + fmt.format(lo) + post if len(vals) == 1 or lo == hi
+                        else f"{pre}{fmt.format(lo)}…{fmt.format(hi)}{post}")
+                break
+        texts.append(text)
+    return pd.Series(texts, index=run.index, dtype=object)
 
 
 # --------------------------------------------------------------------------- other pages
@@ -379,7 +668,7 @@ def scaling(con, f: Filters) -> pd.DataFrame:
 
 
 def task_vector_norms(con, f: Filters) -> pd.DataFrame:
-    """Mean and std (ddof=1) of ``||theta - theta_base||_2`` per (method, n), seed 001 Fig. 4.
+    """Mean and std (ddof=1) of ``||theta - theta_base||_2`` per (method, n), the in-the-wild merging study Fig. 4.
 
     From the provenance of units that recorded it (runs since the column exists); same labels
     and filters as :func:`scaling`."""
@@ -392,7 +681,7 @@ def task_vector_norms(con, f: Filters) -> pd.DataFrame:
 
 
 def paper_scaling(con, f: Filters) -> pd.DataFrame:
-    """Published reported averages per (table, pool, method, n) for the same chart (seed 000)."""
+    """Published reported averages per (table, pool, method, n) for the same chart (the Fisher–Rao merging paper)."""
     where, params = f.where(refs=False, n=False)
     return df(con, f"""
         SELECT "table", pool, method, n, avg(value) AS mean FROM paper
@@ -498,7 +787,7 @@ def diagnostic_values(con, kind: str, metric: str, pool: str | None = None) -> p
 
 
 def diagnostic_stats(con, pool: str | None = None) -> pd.DataFrame:
-    """`mergebench stats` results (seed 004 Tables 3-5), one row per test: scope (a method, or
+    """`mergebench stats` results (the merging-collapse study Tables 3-5), one row per test: scope (a method, or
     all methods), test (``by_task`` / ``by_method`` ANOVA, or the diagnostic correlated with
     merging loss), statistic (F or Pearson r), p-value and n."""
     names = set(df(con, "SELECT table_name FROM information_schema.tables")["table_name"])
@@ -512,41 +801,198 @@ def diagnostic_stats(con, pool: str | None = None) -> pd.DataFrame:
                       GROUP BY ALL ORDER BY ALL""", [pool, pool])
 
 
+# ---------------------------------------------------------------------------------- colours
+
+#: 24 distinguishable colours (Tableau 10 without its grey, then darker and lighter hues), so up
+#: to 24 methods never share one; the base model is black and the single experts grey.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+           "#000075", "#911eb4", "#3cb44b", "#f032e6", "#9a6324", "#800000", "#808000", "#4363d8", "#e6194b",
+           "#469990", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5")
+REFERENCE_COLORS = {"base model": "#000000", "single expert": "#7f7f7f"}
+
+
+@functools.lru_cache(maxsize=1)
+def _color_order() -> tuple[str, ...]:
+    """Registered methods, built-ins (sorted) before plugins (sorted): installing a plugin never
+    changes a built-in's colour."""
+    try:
+        info = method_info()
+    except Exception:  # noqa: BLE001 - colours must not depend on a working registry
+        return ()
+    builtin = info["family"] != "plugin"
+    return tuple(sorted(info.loc[builtin, "method"])) + tuple(sorted(info.loc[~builtin, "method"]))
+
+
+def method_color(method: str) -> str:
+    """The fixed colour of a method (or of 'base model' / 'single expert') on every leaderboard
+    chart and in ``mergebench report --plots``; a method this installation does not register gets
+    a colour from a stable hash of its name."""
+    if method in REFERENCE_COLORS:
+        return REFERENCE_COLORS[method]
+    order = _color_order()
+    if method in order:
+        return PALETTE[order.index(method) % len(PALETTE)]
+    return PALETTE[zlib.crc32(str(method).encode()) % len(PALETTE)]
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, str]:
+    """{method: colour} for the given names (order kept, duplicates dropped)."""
+    return {m: method_color(m) for m in dict.fromkeys(methods)}
+
+
 # ---------------------------------------------------------------------------------- reports
 
+#: Human labels of the ranking's columns (the leaderboard uses the same).
+COLUMN_LABELS = {"rank_label": "rank", "rank": "rank", "method": "method", "params_label": "params",
+                 "score": "score", "merging_loss_pct": "merging loss %", "ci": "95% CI", "ranks": "rank interval",
+                 "p_best": "P(best)", "p_gt_base": "P(>base)", "gain_vs_base_pp": "Δ base (pp)",
+                 "p_gt_best_expert": "P(>best expert)", "gain_vs_best_expert_pp": "Δ best expert (pp)",
+                 "merge_wall_s": "merge s", "eval_wall_s": "eval s", "merge_peak_gib": "peak GiB",
+                 "n_units": "units", "sizes": "n", "paper": "paper", "table": "published in", "pool": "pool",
+                 "n": "n", "label": "paper's label", "average": "average"}
+
+#: Display order of a run ranking: the ranked score (merging loss on glue-style profiles) first.
+RUN_DISPLAY = ["rank_label", "method", "params_label", "score", "merging_loss_pct", "ci", "ranks", "p_best",
+               "p_gt_base", "gain_vs_base_pp", "gain_vs_best_expert_pp", "p_gt_best_expert", "merge_wall_s",
+               "eval_wall_s", "merge_peak_gib", "n_units", "sizes", "paper"]
+PAPER_DISPLAY = ["table", "pool", "n", "method", "label", "score", "merging_loss_pct", "p_gt_base", "gain_vs_base_pp",
+                 "p_gt_best_expert", "gain_vs_best_expert_pp", "n_units"]
 
 _FMT = {"score": "{:.4f}", "ci_low": "{:.4f}", "ci_high": "{:.4f}", "p_best": "{:.2f}", "p_gt_base": "{:.2f}",
         "p_gt_best_expert": "{:.2f}", "gain_vs_base_pp": "{:+.2f}", "gain_vs_best_expert_pp": "{:+.2f}",
-        "merge_wall_s": "{:.2f}", "merge_peak_gib": "{:.2f}", "eval_wall_s": "{:.1f}", "merging_loss_pct": "{:+.1f}"}
+        "merge_wall_s": "{:.2f}", "merge_peak_gib": "{:.2f}", "eval_wall_s": "{:.1f}", "merging_loss_pct": "{:+.1f}",
+        "n_units": "{:.0f}", "n": "{:.0f}", "rank": "{:.0f}"}
+_TEXT = {"rank_label", "method", "params_label", "variant", "table", "pool", "label", "paper", "sizes", "params"}
 
 
-def _fmt_table(t: pd.DataFrame) -> pd.DataFrame:
-    t = t.dropna(axis=1, how="all").copy()
-    for c, spec in _FMT.items():
-        if c in t:
-            t[c] = [("" if pd.isna(v) else spec.format(v)) for v in t[c]]
-    return t.astype(object).where(t.notna(), "")
+def ci_text(lo: float, hi: float, loss: bool = False) -> str:
+    """A 95 % interval as both the leaderboard and the report print it (4 decimals; 1 for a loss in %)."""
+    if pd.isna(lo) or pd.isna(hi):
+        return ""
+    spec = _FMT["merging_loss_pct"] if loss else _FMT["score"]
+    return f"{spec.format(lo)} – {spec.format(hi)}"
+
+
+def rank_interval_text(lo: Any, hi: Any) -> str:
+    if pd.isna(lo) or pd.isna(hi):
+        return ""
+    return str(int(lo)) if int(lo) == int(hi) else f"{int(lo)} – {int(hi)}"
+
+
+def cell_text(v: Any, spec: str | None = None) -> str:
+    """Blank for a missing value, integers without a fraction, else `spec`."""
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return ""
+    if spec is not None and isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+        return spec.format(v)
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def display_ranking(t: pd.DataFrame) -> pd.DataFrame:
+    """A run ranking as text, in :data:`RUN_DISPLAY` order (columns without a value dropped)."""
+    loss = ranked_value(t) == "merging_loss_pct"
+    d = t.assign(ci=[ci_text(lo, hi, loss) for lo, hi in zip(t["ci_low"], t["ci_high"])],
+                 ranks=[rank_interval_text(lo, hi) for lo, hi in zip(t["rank_low"], t["rank_high"])])
+    return _text_frame(d, RUN_DISPLAY)
+
+
+def display_paper(t: pd.DataFrame) -> pd.DataFrame:
+    """Published rows as text, the paper named by its short title."""
+    return _text_frame(t.assign(table=t["table"].map(table_title)), PAPER_DISPLAY)
+
+
+def display_tasks(t: pd.DataFrame, loss: bool = False) -> pd.DataFrame:
+    """:func:`task_scores` as text: rank, method, params, average, then one column per task."""
+    spec = _FMT["merging_loss_pct"] if loss else _FMT["score"]
+    tasks = [c for c in t.columns if c not in ("rank", "rank_label", "variant", "method", "params_label", "average")]
+    cols = [c for c in ("rank_label", "method", "params_label", "average") if c in t] + tasks
+    out = pd.DataFrame({c: [cell_text(v, None if c in _TEXT else spec) for v in t[c]] for c in cols})
+    return out[[c for c in cols if (out[c] != "").any()]]
+
+
+def _text_frame(d: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
+    cols = [c for c in order if c in d and d[c].notna().any() and not (d[c].astype(str) == "").all()]
+    return pd.DataFrame({c: [cell_text(v, None if c in _TEXT else _FMT.get(c)) for v in d[c]] for c in cols})
+
+
+def _numeric(frame: pd.DataFrame) -> set[str]:
+    """Columns of a text frame whose cells are numbers (right-aligned), blanks allowed."""
+    num = set()
+    for c in frame.columns:
+        vals = [v for v in frame[c] if v != ""]
+        if vals and all(_is_number(v) for v in vals):
+            num.add(c)
+    return num
+
+
+def _is_number(text: str) -> bool:
+    head = str(text).split(" – ")[0].replace("−", "-").replace("=", "")
+    try:
+        float(head)
+    except ValueError:
+        return False
+    return True
 
 
 def _md(t: pd.DataFrame) -> str:
+    """A Markdown table with human headers, numbers right-aligned and text left-aligned."""
+    num = _numeric(t)
     cols = list(t.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    lines = ["| " + " | ".join(COLUMN_LABELS.get(c, c) for c in cols) + " |",
+             "|" + "|".join(" ---: " if c in num else " :--- " for c in cols) + "|"]
     for row in t.itertuples(index=False):  # formatting the (small) summary table, not result rows
         lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
     return "\n".join(lines)
 
 
+def _html_table(t: pd.DataFrame, titles: Mapping[str, Sequence[str]] | None = None) -> str:
+    """An HTML table like :func:`_md`; `titles` gives per-column hover texts (one per row)."""
+    num = _numeric(t)
+    esc = _html.escape
+    head = "".join(f"<th class='{'num' if c in num else 'txt'}'>{esc(COLUMN_LABELS.get(c, c))}</th>" for c in t)
+    body = []
+    for i, row in enumerate(t.itertuples(index=False)):
+        cells = []
+        for c, v in zip(t.columns, row):
+            tip = (titles or {}).get(c)
+            attr = f" title='{esc(str(tip[i]), quote=True)}'" if tip is not None and tip[i] else ""
+            cells.append(f"<td class='{'num' if c in num else 'txt'}'{attr}>{esc(str(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>"
+
+
+def store_notice(results_dir: str | os.PathLike, con=None) -> str | None:
+    """Why a report shows no reproduced rows, or None when the store has some."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        return (f"No results store at {results_dir}: nothing has been reproduced here yet (run `mergebench eval`, "
+                "or pass --results); only the seed papers' published numbers are shown.")
+    own = con is None
+    con = con or connect(results_dir)
+    try:
+        n = int(df(con, "SELECT count(*) AS n FROM results WHERE role = 'merged'")["n"].iloc[0])
+    finally:
+        if own:
+            con.close()
+    if n == 0:
+        return (f"The results store at {results_dir} holds no merged runs yet (run `mergebench eval`); only the "
+                "seed papers' published numbers are shown.")
+    return None
+
+
 def report_tables(results_dir: str | os.PathLike = store.DEFAULT_RESULTS_DIR, suite: str | None = None,
-                  con=None) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+                  con=None, seed: int = BOOT_SEED) -> list[tuple[dict[str, Any], pd.DataFrame]]:
     """[(group, ranking)] for every (suite, profile, pool) with run rows, then the published rows
-    per suite. The same computation as the leaderboard's ranking page."""
+    per suite. The same computation as the leaderboard's ranking page (:func:`ranking_groups`)."""
     con = con or connect(results_dir)
     out = []
-    groups = df(con, "SELECT DISTINCT suite, profile, pool FROM results WHERE role = 'merged'"
-                + (" AND suite = ?" if suite else "") + " ORDER BY ALL", [suite] if suite else [])
-    for g in groups.itertuples(index=False):
-        t = run_ranking(con, Filters(suite=g.suite, profile=g.profile, pool=g.pool))
-        out.append(({"source": "run", "suite": g.suite, "profile": g.profile, "pool": g.pool}, t))
+    for g, t in ranking_groups(con, Filters(suite=suite), seed=seed):
+        run = t[t["source"] == "run"].drop(columns=["source"]).reset_index(drop=True)
+        run = run.drop(columns=[c for c in ("suite", "profile", "pool", "n", "label") if c in run]).assign(**g)
+        run.attrs = dict(t.attrs)
+        out.append(({"source": "run", **g}, run))
     suites = df(con, "SELECT DISTINCT suite FROM paper" + (" WHERE suite = ?" if suite else "") + " ORDER BY 1",
                 [suite] if suite else [])["suite"]
     for s in suites:
@@ -556,50 +1002,141 @@ def report_tables(results_dir: str | os.PathLike = store.DEFAULT_RESULTS_DIR, su
     return out
 
 
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1600px}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:14px}"
+        "th,td{border:1px solid #ccc;padding:3px 8px;vertical-align:top}th{background:#f3f4f6}"
+        "td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}td.txt,th.txt{text-align:left}"
+        "td[title]{text-decoration:underline dotted;cursor:help}p.note{color:#555}img{max-width:100%}")
+
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_report(results_dir: str | os.PathLike = store.DEFAULT_RESULTS_DIR, suite: str | None = None,
                  fmt: str = "md", plots_dir: str | os.PathLike | None = None,
-                 out: str | os.PathLike | None = None) -> str:
+                 out: str | os.PathLike | None = None, seed: int = BOOT_SEED) -> str:
     """The leaderboard's rankings as static tables (md, csv or html); returns the text and writes
-    it to `out` when given. With `plots_dir`, also writes one scaling-curve PNG per (suite, pool)
-    with run rows (needs matplotlib)."""
+    it to `out` when given (atomically). With `plots_dir`, also writes one scaling-curve PNG per
+    (suite, profile, pool) with run rows (needs matplotlib); an html report embeds them."""
     if fmt not in ("md", "csv", "html"):
         raise ValueError(f"fmt must be 'md', 'csv' or 'html', got {fmt!r}")
     con = connect(results_dir)
-    tables = report_tables(results_dir, suite, con=con)
-    if fmt == "csv":
-        frames = [t.assign(**{k: v for k, v in g.items() if k != "source" or "source" not in t}) for g, t in tables]
-        text = pd.concat(frames, ignore_index=True).to_csv(index=False) if frames else ",".join(RANKING_COLUMNS) + "\n"
-    else:
-        parts = []
-        for g, t in tables:
-            title = (f"{g['suite']} / {g.get('profile')} / {g.get('pool')} (reproduced, source=run)"
-                     if g["source"] == "run" else f"{g['suite']}: published numbers (source=paper)")
-            shown = _fmt_table(t.drop(columns=["source"], errors="ignore"))
-            if fmt == "md":
-                parts.append(f"## {title}\n\n{_md(shown)}\n")
-            else:
-                parts.append(f"<h2>{_html.escape(title)}</h2>\n" + shown.to_html(index=False, escape=True))
-        if not parts:
-            parts.append("No results." if fmt == "md" else "<p>No results.</p>")
-        if fmt == "md":
-            text = "# mergebench report\n\n" + "\n".join(parts)
+    try:
+        tables = report_tables(results_dir, suite, con=con, seed=seed)
+        notice = store_notice(results_dir, con)
+        plots = write_plots(con, plots_dir, suite) if plots_dir is not None else []
+        if fmt == "csv":
+            text = _csv(tables, seed)
         else:
-            text = ("<!doctype html><html><head><meta charset='utf-8'><title>mergebench report</title>"
-                    "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-                    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"
-                    "<h1>mergebench report</h1>\n" + "\n".join(parts) + "</body></html>\n")
-    if plots_dir is not None:
-        write_plots(con, plots_dir, suite)
-    con.close()
+            text = _document(con, tables, fmt, notice, plots, seed, Path(out).parent if out is not None else None)
+    finally:
+        con.close()
     if out is not None:
-        Path(out).write_text(text)
+        _atomic_write(Path(out), text)
     return text
 
 
+def _csv(tables, seed: int) -> str:
+    frames = []
+    for g, t in tables:
+        if g["source"] == "run":
+            t = t.assign(bootstrap_seed=seed, n_boot_ci=N_BOOT_CI, n_boot_rank=N_BOOT_RANK)
+        frames.append(t.assign(**{k: v for k, v in g.items() if k not in t}))
+    if not frames:
+        return ",".join(RANKING_COLUMNS) + "\n"
+    return pd.concat(frames, ignore_index=True).to_csv(index=False)
+
+
+def _document(con, tables, fmt: str, notice: str | None, plots: Sequence[Path], seed: int,
+              out_dir: Path | None) -> str:
+    md = fmt == "md"
+    esc = _html.escape
+    parts = []
+    if notice:
+        parts.append(f"> **{notice}**\n" if md else f"<p class='note'><strong>{esc(notice)}</strong></p>")
+    for g, t in tables:
+        if g["source"] == "run":
+            f = Filters(suite=g["suite"], profile=g["profile"], pool=g["pool"])
+            loss = ranked_value(t) == "merging_loss_pct"
+            title = f"{g['suite']} / {g['profile']} / {g['pool']}: reproduced here"
+            what = ("ranked by the mean merging loss (% of each task's own expert's score kept, 0 = nothing lost)"
+                    if loss else "ranked by the mean headline score (unweighted mean of each task's headline metric)")
+            shown = display_ranking(t)
+            tasks = display_tasks(task_scores(con, f, t.assign(source="run")), loss)
+            stem = _plot_stem(g["suite"], g["profile"], g["pool"])
+            pngs = [p for p in plots if p.stem in (f"scaling_{stem}", f"tvnorm_{stem}")]
+            if md:
+                parts.append(f"## {title}\n\n{what}.\n\n{_md(shown)}\n\n{bootstrap_note(seed)}\n")
+                parts.append(f"### Per-task {'merging loss (%)' if loss else 'mean scores'}\n\n{_md(tasks)}\n")
+                parts += [f"![{p.stem}]({os.path.relpath(p, out_dir) if out_dir else p})\n" for p in pngs]
+            else:
+                titles = {"params_label": list(t["params"].fillna(""))}
+                parts.append(f"<h2>{esc(title)}</h2>\n<p>{esc(what)}.</p>\n{_html_table(shown, titles)}\n"
+                             f"<p class='note'>{esc(bootstrap_note(seed))}</p>")
+                parts.append(f"<h3>Per-task {'merging loss (%)' if loss else 'mean scores'}</h3>\n"
+                             + _html_table(tasks))
+                parts += [f"<p><img alt='{esc(p.stem)}' src='data:image/png;base64,"
+                          f"{base64.b64encode(p.read_bytes()).decode()}'></p>" for p in pngs]
+        else:
+            title = f"{g['suite']}: published numbers (never ranked)"
+            shown = display_paper(t)
+            parts.append(f"## {title}\n\n{_md(shown)}\n" if md else f"<h2>{esc(title)}</h2>\n{_html_table(shown)}")
+    if not tables:
+        parts.append("No results." if md else "<p>No results.</p>")
+    if md:
+        return "# mergebench report\n\n" + "\n".join(parts)
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>mergebench report</title>"
+            f"<style>{_CSS}</style></head><body>\n<h1>mergebench report</h1>\n" + "\n".join(parts)
+            + "\n</body></html>\n")
+
+
+def _plot_stem(suite: str, profile: str | None, pool: str | None) -> str:
+    return "_".join(str(x).replace("/", "-") for x in (suite, profile, pool))
+
+
+def scaling_figure(d: pd.DataFrame, title: str, ylabel: str = "headline score"):
+    """A matplotlib figure of :func:`scaling` output: one line per method in :func:`method_color`,
+    ±1 std error bars at every point (a band where a method has several sizes), the single experts
+    at n = 1 and the base model as a dashed line, all in a fully opaque legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.4), dpi=120)
+    for m, dm in d[d["role"] != "base"].groupby("method", sort=True):
+        dm = dm.sort_values("n")
+        c = method_color(m)
+        ax.errorbar(dm["n"], dm["mean"], yerr=dm["std"], color=c, marker="s" if m == "single expert" else "o",
+                    capsize=3, lw=1.6, label=m)
+        if len(dm) > 1:
+            ax.fill_between(dm["n"], dm["mean"] - dm["std"], dm["mean"] + dm["std"], color=c, alpha=0.12)
+    base = d[d["role"] == "base"]
+    if not base.empty:
+        ax.axhline(base["mean"].iloc[0], color=method_color("base model"), ls="--", lw=1, label="base model")
+    ax.set_xlabel("models merged (n)")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2, framealpha=1.0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(con, plots_dir: str | os.PathLike, suite: str | None = None) -> list[Path]:
-    """Per (suite, profile, pool) with merged units, mean ± std band per method vs n (matplotlib):
+    """Per (suite, profile, pool) with merged units, mean ± 1 std per method vs n (matplotlib), in the
+    leaderboard's colours (:func:`method_color`), with error bars at every point (the single
+    experts at n = 1 too) and the base model as a dashed line in the legend:
     ``scaling_<suite>_<profile>_<pool>.png`` (headline score) and, where recorded,
-    ``tvnorm_<...>.png`` (task-vector norm, seed 001 Fig. 4)."""
+    ``tvnorm_<...>.png`` (task-vector norm, as in the in-the-wild merging study's Fig. 4)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -612,26 +1149,19 @@ def write_plots(con, plots_dir: str | os.PathLike, suite: str | None = None) -> 
                 + (" AND suite = ?" if suite else "") + " ORDER BY ALL", [suite] if suite else [])
     for g in groups.itertuples(index=False):
         f = Filters(suite=g.suite, profile=g.profile, pool=g.pool)
-        stem = "_".join(str(x).replace("/", "-") for x in (g.suite, g.profile, g.pool))
+        stem = _plot_stem(g.suite, g.profile, g.pool)
         for prefix, d, ylabel in (("scaling", scaling(con, f), "headline score"),
                                   ("tvnorm", task_vector_norms(con, f), "task-vector norm ||θ - θ_base||₂")):
             if d[d["role"] == "merged"].empty:
                 continue
-            fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-            for m, dm in d[d["role"] == "merged"].groupby("method"):
-                dm = dm.sort_values("n")
-                ax.plot(dm["n"], dm["mean"], marker="o", label=m)
-                ax.fill_between(dm["n"], dm["mean"] - dm["std"], dm["mean"] + dm["std"], alpha=0.15)
-            base = d[d["role"] == "base"]
-            if not base.empty:
-                ax.axhline(base["mean"].iloc[0], color="k", ls="--", lw=1, label="base model")
-            ax.set_xlabel("models merged (n)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{g.suite} / {g.profile} / {g.pool}")
-            ax.legend(fontsize=7, ncol=2)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(plots_dir / f"{prefix}_{stem}.png")
-            plt.close(fig)
-            written.append(plots_dir / f"{prefix}_{stem}.png")
+            fig = scaling_figure(d, f"{g.suite} / {g.profile} / {g.pool}", ylabel)
+            path = plots_dir / f"{prefix}_{stem}.png"
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+            try:
+                fig.savefig(tmp)
+                os.replace(tmp, path)
+            finally:
+                plt.close(fig)
+                tmp.unlink(missing_ok=True)
+            written.append(path)
     return written

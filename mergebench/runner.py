@@ -30,7 +30,11 @@ from .pools import Pool, load_pool, validate_pool_compatibility
 from .sampling import DocSample, Subset, samples_argument
 from .suites import Profile, Suite, TaskSpec, load_suite
 
-__all__ = ["EvalPlan", "WorkUnit", "backfill_task_vector_norms", "plan_eval", "run_eval", "summarize"]
+# Besides the command's own entry points, the pieces a sweep (mergebench.sweep) reuses to plan and
+# run the very same units: public, so no other room reaches into this module's private names.
+__all__ = ["EvalPlan", "WorkUnit", "backfill_task_vector_norms", "base_as_expert", "doc_samples", "ensure_zoo",
+           "headline_score", "is_embedded", "load_model", "model_identity", "plan_eval", "run_eval", "run_unit",
+           "summarize", "task_manager_for"]
 
 
 @dataclass
@@ -92,15 +96,15 @@ class EvalPlan:
         return [u for u in self.units if u.unit.unit_id not in done]
 
 
-def _is_embedded(tasks: list[TaskSpec]) -> bool:
+def is_embedded(tasks: list[TaskSpec]) -> bool:
     return all(t.name.startswith("mb_") for t in tasks)
 
 
-def _task_manager(profile: Profile):
+def task_manager_for(profile: Profile):
     """Embedded tasks read their data from suites/ (offline); others come from lm-eval."""
     from .zoo import tasks as embedded
 
-    if _is_embedded(profile.tasks):
+    if is_embedded(profile.tasks):
         return embedded.task_manager(profile.docs.split)
     from lm_eval.tasks import TaskManager
 
@@ -111,7 +115,7 @@ def _task_manager(profile: Profile):
 def _task_leaves(profile: Profile, tm) -> dict[str, dict[str, int]]:
     """Per suite task, the number of documents of each lm-eval task it scores: the task itself, or
     every leaf of a group (lm-eval looks ``samples=`` up by leaf task name, never by group)."""
-    if _is_embedded(profile.tasks):
+    if is_embedded(profile.tasks):
         from .zoo.tasks import task_info
 
         info = task_info()
@@ -140,7 +144,7 @@ def _doc_counts(profile: Profile, tm) -> dict[str, int]:
     return {leaf: n for leaves in _task_leaves(profile, tm).values() for leaf, n in leaves.items()}
 
 
-def _doc_samples(profile: Profile, tm, leaves: dict[str, dict[str, int]] | None = None) -> dict[str, list[int]]:
+def doc_samples(profile: Profile, tm, leaves: dict[str, dict[str, int]] | None = None) -> dict[str, list[int]]:
     """``samples=`` for lm-eval: seeded indices per plain task and per leaf of a group task.
 
     A document budget applies to each leaf on its own (lm-eval's ``limit`` does the same), and a
@@ -160,7 +164,7 @@ def _doc_samples(profile: Profile, tm, leaves: dict[str, dict[str, int]] | None 
     return samples_argument(s for _, s in chosen.values())
 
 
-def _identity(pool: Pool, name: str, fingerprint: str) -> str:
+def model_identity(pool: Pool, name: str, fingerprint: str) -> str:
     """What a model *is*, for cache keys: zoo models by their committed adapter sha256s (stable
     across machines), everything else by the checkpoint's content fingerprint."""
     ref = pool.base if name == pool.base.name else pool.expert(name)
@@ -173,7 +177,7 @@ def _identity(pool: Pool, name: str, fingerprint: str) -> str:
     return fingerprint
 
 
-def _ensure_zoo(pool: Pool, log: Callable[[str], None]) -> None:
+def ensure_zoo(pool: Pool, log: Callable[[str], None]) -> None:
     if any(m.source == "zoo" and m.locate() is None for m in [pool.base, *pool.experts]):
         from .zoo import pool as zoo_pool
 
@@ -203,21 +207,21 @@ def plan_eval(
     spec = get_method(method)
     given = {**suite_obj.method_params(method, prof), **(params or {})}
     subsets = prof.subsets(pool_obj)
-    for n in sorted({len(s.members) + (1 if _base_as_expert(spec, s) else 0) for s in subsets}):
+    for n in sorted({len(s.members) + (1 if base_as_expert(spec, s) else 0) for s in subsets}):
         spec.contract.check(spec.name, has_base=True, n_experts=n)
         spec.validate_params(given, n_experts=n)
     from .suites import check_task_metrics
 
-    tm = _task_manager(prof)
+    tm = task_manager_for(prof)
     check_task_metrics(suite_obj, prof, tm)  # an unknown task or metric fails before any model is touched
     if materialize:
-        _ensure_zoo(pool_obj, log)
+        ensure_zoo(pool_obj, log)
     report = validate_pool_compatibility(pool_obj, values=values)
     run_seed = prof.sampler.seed if seed is None else seed
     leaves = _task_leaves(prof, tm)
-    samples = _doc_samples(prof, tm, leaves)
+    samples = doc_samples(prof, tm, leaves)
     doc_hash = store.doc_index_hash(samples)
-    identities = {name: _identity(pool_obj, name, fp) for name, fp in report.fingerprints.items()}
+    identities = {name: model_identity(pool_obj, name, fp) for name, fp in report.fingerprints.items()}
     common = dict(
         suite=suite_obj.name, suite_version=str(suite_obj.version), profile=prof.name, pool=pool_obj.name,
         base_model=pool_obj.base.spec, doc_index_hash=doc_hash,
@@ -249,11 +253,11 @@ def plan_eval(
         plan.references.append(WorkUnit(unit, name, (model,), tasks))
     for s in subsets:
         tasks = prof.tasks_for(s, pool_obj)
-        # seed 000 counts the base among the m merged models: keep it in the stored subset too
+        # the Fisher–Rao merging paper counts the base among the m merged models: keep it in the stored subset too
         members = ((pool_obj.base.name,) if s.base_counted else ()) + tuple(s.members)
         unit = store.Unit(
             role="merged", subset=members, method=spec.name, method_version=spec.version,
-            params=spec.validate_params(given, n_experts=len(s.members) + _base_as_expert(spec, s)), seed=run_seed,
+            params=spec.validate_params(given, n_experts=len(s.members) + base_as_expert(spec, s)), seed=run_seed,
             extra={"models": [identities[m] for m in s.members], "base": identities[pool_obj.base.name],
                    "tasks": task_key(tasks), "lm_eval": lm_eval_version, "dtype": prof.eval.dtype,
                    "base_counted": s.base_counted},
@@ -264,8 +268,8 @@ def plan_eval(
     return plan
 
 
-def _base_as_expert(spec: MethodSpec, subset: Subset) -> bool:
-    """Seed 000 counts the base as one of the m merged models; a method that takes no base
+def base_as_expert(spec: MethodSpec, subset: Subset) -> bool:
+    """The Fisher–Rao merging paper counts the base as one of the m merged models; a method that takes no base
     input then gets it as one more expert."""
     return subset.base_counted and spec.contract.base == "unused"
 
@@ -279,7 +283,7 @@ def _rows(scores, tasks: list[TaskSpec]) -> list[dict]:
     ]
 
 
-def _load_model(path: str, dtype: str):
+def load_model(path: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -313,7 +317,7 @@ def _norm(plan: EvalPlan, wu: WorkUnit, merged=None) -> float:
     return task_vector_norm(plan.paths[plan.pool.base.name], model)
 
 
-def _run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool = False,
+def run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool = False,
               scorer: str = "shared") -> tuple[list[dict], dict]:
     """Merge (or load) one unit's model and score it: (result rows, provenance)."""
     from .evaluate import quiet_progress_bars
@@ -337,7 +341,9 @@ def _score_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet:
         del result
     else:
         prov["task_vector_norm"] = _norm(plan, wu)
-        model, tok = _load_model(plan.paths[wu.members[0]], prof.eval.dtype)
+        model, tok = load_model(plan.paths[wu.members[0]], prof.eval.dtype)
+    _check_finite(model, plan.paths[wu.members[0]] if wu.role != "merged" else f"the {plan.method.name} merge "
+                  f"of {', '.join(wu.members)}")
     model.to(device)
     battery = plan.battery(wu.tasks)  # built once per run: only the forward passes are per model
     with store.measure("eval", prov, device):
@@ -349,6 +355,16 @@ def _score_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet:
         threads=torch.get_num_threads(),
     )
     return _rows(scores, wu.tasks), prov
+
+
+def _check_finite(model, what: str) -> None:
+    """An evaluated model with NaN/inf weights scores chance silently: refuse it, naming the tensor."""
+    from .engine import NonFiniteInputError, all_finite
+
+    for name, t in model.state_dict().items():
+        if not all_finite(t):
+            raise NonFiniteInputError(f"{what}: tensor {name!r} holds NaN/inf values; it would be scored at chance "
+                                      "without a warning (fix or rebuild the checkpoint)")
 
 
 def run_eval(
@@ -383,7 +399,8 @@ def run_eval(
     batch_size = plan.profile.eval.batch_size
     stats = {"run_id": run_id, "units": len(plan.units), "cached": len(plan.units) - len(todo), "done": 0}
     pace = Pace(measured_rates([results_dir], plan.pool.name, device, scorer=scorer))
-    expected = {wu.unit.unit_id: (plan.n_docs(wu.tasks), wu.role == "merged") for wu in todo}
+    expected = {wu.unit.unit_id: (plan.n_docs(wu.tasks), wu.role == "merged", wu.unit.method, len(wu.members))
+                for wu in todo}
 
     def eta(units) -> str:
         return format_duration(sum(pace.unit_seconds(*expected[u.unit.unit_id]) for u in units))
@@ -408,14 +425,15 @@ def run_eval(
                     bar.update(task, advance=1)
                     continue
                 with torch.inference_mode():
-                    rows, prov = _run_unit(plan, wu, device=device, batch_size=batch_size, quiet=progress,
+                    rows, prov = run_unit(plan, wu, device=device, batch_size=batch_size, quiet=progress,
                                            scorer=scorer)
                 rows = metrics.add_normalized(pd.DataFrame(rows))
                 prov["unit_wall_s"] = time.perf_counter() - t0
                 store.write_unit(wu.unit, rows, run_id=run_id, results_dir=results_dir, provenance={**env, **prov})
-            pace.observe(prov["eval_docs"], prov["eval_wall_s"], prov["unit_wall_s"], prov.get("merge_wall_s"))
+            pace.observe(prov["eval_docs"], prov["eval_wall_s"], prov["unit_wall_s"], prov.get("merge_wall_s"),
+                         wu.unit.method, len(wu.members))
             stats["done"] += 1
-            head = _headline(rows, wu.tasks)
+            head = headline_score(rows, wu.tasks)
             left = eta(todo[k:]) if k < len(todo) else "done"
             log(f"[{k}/{len(todo)}] {wu.role:>6} {wu.label:<10} {_members(wu.members, 44):<44} score {head:.4f}  "
                 f"{prov['unit_wall_s']:.0f} s ({prov['eval_docs_per_s']:.1f} doc/s)  ETA {left}")
@@ -451,7 +469,7 @@ def backfill_task_vector_norms(plan: EvalPlan, results_dir: str | Path = store.D
     return updated
 
 
-def _headline(rows, tasks: list[TaskSpec]) -> float:
+def headline_score(rows, tasks: list[TaskSpec]) -> float:
     metric = {t.name: t.metric for t in tasks}
     vals = [r["value"] for r in rows.to_dict("records") if metric.get(r["task"]) == r["metric"]]
     return sum(vals) / len(vals) if vals else float("nan")
@@ -459,8 +477,8 @@ def _headline(rows, tasks: list[TaskSpec]) -> float:
 
 def summarize(plan: EvalPlan, results_dir: str | Path = store.DEFAULT_RESULTS_DIR):
     """Per merge size: mean ± std score, P(merged > base), gains vs base and vs the best expert
-    (seed 001 Tables 1-3), from the stored rows of this plan's units; plus the merging loss
-    (seed 004 eq. 1) when the profile reports it."""
+    (in-the-wild merging study, Tables 1-3), from the stored rows of this plan's units; plus the merging loss
+    (merging-collapse study, eq. 1) when the profile reports it."""
     import pandas as pd
 
     ids = [u.unit.unit_id for u in plan.units]

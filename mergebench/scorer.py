@@ -94,12 +94,13 @@ def tokenizer_key(tokenizer) -> str:
 class PrefixSharingLM(HFLM):
     """``HFLM`` whose ``loglikelihood`` runs each shared context once and applies the output layer
     only where a log-probability is read. Construct it as ``HFLM`` (``pretrained=`` an in-memory
-    model or a path); ``token_budget`` caps the tokens (rows x longest row) of one forward batch,
-    ``batch_size`` caps its rows."""
+    model or a path); ``token_budget`` caps the tokens (rows x longest row) of one forward batch
+    and ``max_rows`` its rows. ``batch_size`` is lm-eval's and applies to the stock paths only:
+    shared rows are short (one document), so many more of them fit in one efficient batch."""
 
-    def __init__(self, *args, token_budget: int = 4096, quiet: bool = False, **kwargs):
+    def __init__(self, *args, token_budget: int = 4096, max_rows: int = 256, quiet: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.token_budget = int(token_budget)
+        self.token_budget, self.max_rows = int(token_budget), int(max_rows)
         self.quiet = quiet
         self.stats = ScoringStats()
         self._token_cache = _TOKEN_CACHES.setdefault(tokenizer_key(self.tokenizer), {})
@@ -209,9 +210,9 @@ class PrefixSharingLM(HFLM):
         return list(trees.values()), long
 
     def _batches(self, trees: list[_Tree]) -> list[list[_Tree]]:
-        """Longest first; a batch holds at most ``batch_size`` rows and ``token_budget`` padded tokens."""
+        """Longest first; a batch holds at most ``max_rows`` rows and ``token_budget`` padded tokens."""
         ordered = sorted(trees, key=lambda t: (-t.length, t.prefix))
-        max_rows = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 64
+        max_rows = self.max_rows
         batches, current = [], []
         for tree in ordered:
             longest = current[0].length if current else tree.length

@@ -1,9 +1,9 @@
 """Evaluation suites: which tasks, pools, subsets, documents and hyperparameters a run uses.
 
-A suite file (``suites/<name>.yaml``, versioned) reproduces one seed paper's evaluation. It has
+A suite file (``suites/<name>.yaml``, versioned) reproduces one paper's evaluation (``paper:``, a key of suites/papers/papers.yaml). It has
 named **profiles**:
 
-* ``paper`` -- the seed's real configuration (hub models and lm-eval tasks);
+* ``paper`` -- the paper's real configuration (hub models and lm-eval tasks);
 * ``embedded`` -- the default when no pool is given: the offline ``smol`` pool and the embedded
   tasks, sized to finish one method in minutes on 2 CPU cores;
 * ``quick`` -- a CI-sized variant of ``embedded``.
@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from . import sampling
+from . import papers, sampling
 from .pools import ConfigError, Pool, read_yaml, suites_root, tag_values, validate_named_file
 from .sampling import DocSample, Subset
 
@@ -56,13 +56,13 @@ REPORT_METRICS: dict[str, str] = {
     "per_task": "each task's headline metric, per merged model",
     "avg": "unweighted mean of the tasks' headline metrics (mean and std over the subsets of a size)",
     "avg_normalized": (
-        "mean of max(0, s - c) / (1 - c) per task, c = chance (Open LLM Leaderboard v2 style; seed 000 Tables 1-2)"
+        "mean of max(0, s - c) / (1 - c) per task, c = chance (Open LLM Leaderboard v2 style; Fisher–Rao merging paper, Tables 1-2)"
     ),
-    "p_gt_base": "share of a size's subsets whose avg beats the base's (seed 001 Tables 1, 3)",
-    "gain_vs_base": "mean improvement of avg over the base's (seed 001 Tables 1, 3)",
-    "p_gt_best_expert": "share of subsets beating the best single expert by avg (seed 001 Table 2)",
-    "gain_vs_best_expert": "mean improvement over the best single expert's avg (seed 001 Table 2)",
-    "merging_loss": "(P(merged, T_i) / P(expert_i, T_i) - 1) x 100 per member task, and its mean (seed 004 eq. 1)",
+    "p_gt_base": "share of a size's subsets whose avg beats the base's (in-the-wild merging study, Tables 1, 3)",
+    "gain_vs_base": "mean improvement of avg over the base's (in-the-wild merging study, Tables 1, 3)",
+    "p_gt_best_expert": "share of subsets beating the best single expert by avg (in-the-wild merging study, Table 2)",
+    "gain_vs_best_expert": "mean improvement over the best single expert's avg (in-the-wild merging study, Table 2)",
+    "merging_loss": "(P(merged, T_i) / P(expert_i, T_i) - 1) x 100 per member task, and its mean (merging-collapse study, eq. 1)",
 }
 
 
@@ -120,7 +120,7 @@ class Selector(BaseModel):
 
 
 class GroupSpec(BaseModel):
-    """A fixed, named subset (seed 001 App. E) and the tasks it is evaluated on."""
+    """A fixed, named subset (in-the-wild merging study, App. E) and the tasks it is evaluated on."""
 
     model_config = _Strict
 
@@ -140,7 +140,7 @@ class SamplerConfig(BaseModel):
     order: Literal["pool", "seeded"] = Field(
         "seeded", description="progressive: chain 0 follows the pool order if 'pool'"
     )
-    count_base: bool = Field(False, description="a size counts the base as one of the merged models (seed 000)")
+    count_base: bool = Field(False, description="a size counts the base as one of the merged models (as in the Fisher–Rao merging paper)")
     groups: list[GroupSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -203,7 +203,7 @@ class Profile(BaseModel):
     docs: DocsConfig = Field(default_factory=DocsConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     eval_scope: Literal["all", "members"] = Field(
-        "all", description="'members': a merge is scored only on its members' own tasks (seed 004)"
+        "all", description="'members': a merge is scored only on its members' own tasks (as in the merging-collapse study)"
     )
     references: ReferencesConfig = Field(default_factory=ReferencesConfig)
     methods: dict[str, dict[str, Any]] = Field(
@@ -409,7 +409,7 @@ class Suite(BaseModel):
     name: str
     version: int | str
     title: str = ""
-    seed: str | None = None
+    paper: str | None = Field(None, description="key of the suite's paper in suites/papers/papers.yaml")
     reference: str = ""
     description: str = ""
     default_profile: str = "embedded"
@@ -417,6 +417,14 @@ class Suite(BaseModel):
     profiles: dict[str, Profile]
 
     _file: Path | None = PrivateAttr(None)
+
+    _legacy_seed = model_validator(mode="before")(papers.legacy_seed)
+    _paper_key = field_validator("paper")(papers.paper_key)
+
+    @property
+    def seed(self) -> str | None:
+        """Maintainer-only: the seed number of :attr:`paper` (old files said ``seed: "001"``)."""
+        return papers.seed_of(self.paper)
 
     @model_validator(mode="after")
     def _check(self):
@@ -474,7 +482,7 @@ class Suite(BaseModel):
             "version": self.version,
             "id": self.id,
             "title": self.title,
-            "seed": self.seed,
+            "paper": self.paper,
             "reference": self.reference,
             "file": str(self._file) if self._file else None,
             "default_profile": self.default_profile,

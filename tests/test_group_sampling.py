@@ -34,7 +34,7 @@ def group_tm(tmp_path, monkeypatch, tiny_suites):
     (folder / "unweighted.yaml").write_text(_group_yaml("tinygroup_mean", False))
     (folder / "noagg.yaml").write_text(_group_yaml("tinygroup_noagg", None))
     tm = TaskManager(include_path=[str(_yaml_dir("test")), str(folder)], include_defaults=False)
-    monkeypatch.setattr(runner, "_task_manager", lambda profile: tm)
+    monkeypatch.setattr(runner, "task_manager_for", lambda profile: tm)
     return tm
 
 

@@ -78,29 +78,39 @@ def test_committed_store_shows_published_rows(monkeypatch):
     at = app(ROOT / "results", monkeypatch)
     goto(at, "ranking")
     at.selectbox(key="suite").set_value("openllm").run()
-    pap = at.dataframe[-1].value
-    assert len(pap) > 0 and set(pap["source"]) == {"published"}
-    # the value printed in seed 000 Table 1 for Karcher at m = 2, read straight from the CSV
+    assert len(at.dataframe) == 1  # openllm has no reproduced rows: the published table only
+    pap = at.dataframe[0].value
+    assert len(pap) > 0 and "source" not in pap
+    # the value printed in the Fisher-Rao paper's Table 1 for Karcher at m = 2, read straight from the CSV
     csv = pd.read_csv(ROOT / "results" / "paper" / "seed000_table1.csv")
     want = csv[(csv.method == "karcher") & (csv.n == 2) & (csv.metric == "reported_average")]["value"].iloc[0]
-    got = pap[(pap["method"] == "karcher") & (pap["n"] == 2) & (pap["table"] == "seed000_table1")]["score"]
-    assert got.iloc[0] == pytest.approx(want)
+    got = pap[(pap["method"] == "karcher") & (pap["n"] == 2) & (pap["table"] == "Fisher–Rao merging paper, Table 1")]
+    assert got["score"].iloc[0] == pytest.approx(want)
 
 
 def test_ranking_order_equals_duckdb(syn, monkeypatch):
     at = goto(app(syn, monkeypatch), "ranking")
-    run, pub = at.dataframe[0].value, at.dataframe[1].value
-    assert set(run["source"]) == {"reproduced"} and set(pub["source"]) == {"published"}
+    run, tasks, pub = (d.value for d in at.dataframe)
+    assert "source" not in run and "source" not in pub  # the sections say which is which
     want = direct_scores(syn)
     assert run["method"].tolist() == want["method"].tolist()
     np.testing.assert_allclose(run["score"].to_numpy(float), want["score"].to_numpy(float), rtol=1e-12)
     assert run["n_units"].tolist() == want["units"].tolist()
-    assert run["rank"].tolist() == list(range(1, len(want) + 1))
+    assert run["rank_label"].tolist() == [str(i) for i in range(1, len(want) + 1)]  # no ties here
     ci = run["ci"].str.split(" – ", expand=True).astype(float)
-    assert (ci[0] <= run["score"]).all() and (run["score"] <= ci[1]).all() and (ci[0] < ci[1]).all()
-    ranks = run["ranks"].str.split(" – ", expand=True).astype(int)
-    assert (ranks[0] <= run["rank"]).all() and (run["rank"] <= ranks[1]).all()
-    assert "rank" not in pub  # published rows are never ranked
+    assert (ci[0] <= run["score"].round(4)).all() and (run["score"].round(4) <= ci[1]).all() and (ci[0] < ci[1]).all()
+    ranks = run["ranks"].str.split(" – ")  # "2 – 3", or "1" when every resample agrees
+    rank = np.arange(1, len(run) + 1)
+    assert (ranks.str[0].astype(int) <= rank).all() and (rank <= ranks.str[-1].astype(int)).all()
+    assert "rank" not in pub and "rank_label" not in pub  # published rows are never ranked
+    # the per-task tab: one column per task, its average equals the ranked score (every unit has every task)
+    assert tasks["method"].tolist() == run["method"].tolist()
+    assert set(synthetic.TASKS) <= set(tasks.columns)
+    np.testing.assert_allclose(tasks["average"].to_numpy(float), want["score"].to_numpy(float), rtol=1e-12)
+    per_task = store.sql("""SELECT method, task, avg(value) AS v FROM results WHERE role = 'merged' AND metric = 'acc'
+                            GROUP BY ALL""", syn).pivot(index="method", columns="task", values="v")
+    np.testing.assert_allclose(tasks.set_index("method")[list(synthetic.TASKS)].to_numpy(float),
+                               per_task.loc[tasks["method"], list(synthetic.TASKS)].to_numpy(float), rtol=1e-12)
 
 
 def test_filters_restrict_rows(syn, monkeypatch):
@@ -211,7 +221,7 @@ def test_report_formats_carry_the_same_ranking(syn, tmp_path):
     assert (t["source"] == "paper").any() and set(t["suite"]) == {"inthewild"}
     md = report.write_report(syn, suite="inthewild", fmt="md")
     order = [md.index(f"| {m} |") for m in want["method"]]
-    assert order == sorted(order) and "source=paper" in md
+    assert order == sorted(order) and "inthewild: published numbers" in md
     html = report.write_report(syn, fmt="html")
     assert html.startswith("<!doctype html>") and "<table" in html and "karcher" in html
     with pytest.raises(ValueError, match="fmt"):
@@ -228,7 +238,7 @@ def test_report_plots(syn, tmp_path):
 
 def test_report_on_committed_paper_rows():
     md = report.write_report(ROOT / "results", suite="glue", fmt="md")
-    assert "glue: published numbers" in md and "merging_loss_pct" in md
+    assert "glue: published numbers" in md and "| merging loss % |" in md and "merging_loss_pct" not in md
 
 
 def test_diagnostics_page_reads_the_diagnostics_view(tmp_path, monkeypatch):

@@ -391,6 +391,65 @@ def test_sign_test_with_scipy_matches_the_exact_binomial():
         assert metrics._sign_test_p(pos, neg) == pytest.approx(exact)
 
 
+def test_bootstrap_ci_is_pcg64_over_sorted_values_whatever_the_row_order():
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.6, 0.05, size=9)
+    got = metrics.bootstrap_ci(x, n_boot=1000, seed=11)
+    # float64 reference: Generator(PCG64(seed)) draws the index matrix over the sorted values
+    xs = np.sort(x)
+    idx = np.random.Generator(np.random.PCG64(11)).integers(0, xs.size, size=(1000, xs.size))
+    lo, hi = np.quantile(xs[idx].mean(axis=1), [0.025, 0.975])
+    assert got[0] == pytest.approx(x.mean(), rel=1e-15) and got[1:] == (lo, hi)
+    for perm in (x[::-1], rng.permutation(x), np.r_[x[4:], x[:4]]):
+        assert metrics.bootstrap_ci(perm, n_boot=1000, seed=11)[1:] == (lo, hi)  # bit for bit
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"seed": None}, "seed must be a non-negative integer, got None"),
+    ({"seed": -1}, "seed must be a non-negative integer, got -1"),
+    ({"seed": True}, "seed must be a non-negative integer, got True"),
+    ({"seed": 0, "n_boot": 0}, r"resamples \(n_boot\) must be a positive integer, got 0"),
+])
+def test_every_bootstrap_refuses_an_implicit_seed(kw, msg):
+    df = _paired_scores({"a": 0.01, "b": 0.0}, k=5)
+    for call in (lambda: metrics.bootstrap_ci([0.1, 0.2], **kw),
+                 lambda: metrics.bootstrap_ci_by(df, **kw),
+                 lambda: metrics.rank_intervals(df, **kw),
+                 lambda: metrics.paired_comparisons(df, **kw)):
+        with pytest.raises(metrics.BootstrapError, match=msg) as exc:
+            call()
+        assert isinstance(exc.value, ValueError) and "\n" not in str(exc.value)
+
+
+def test_p_best_splits_ties_evenly_and_sums_to_one():
+    df = _paired_scores({"a": 0.0, "b": 0.0, "c": -0.2}, k=12, noise=0.0)  # a and b identical on every subset
+    r = metrics.rank_intervals(df, n_boot=400, seed=0).set_index("method")
+    assert r["rank"].to_dict() == {"a": 1, "b": 1, "c": 3} and r["tied"].to_dict() == {"a": True, "b": True,
+                                                                                        "c": False}
+    assert r.loc["a", "p_best"] == r.loc["b", "p_best"] == 0.5 and r.loc["c", "p_best"] == 0.0
+    # noisy, partly tied data, paired and unpaired: always a probability distribution over methods
+    noisy = _paired_scores({"a": 0.0, "b": 0.001, "c": 0.0, "d": -0.001}, k=8, noise=0.002, seed=3)
+    noisy["score"] = noisy["score"].round(3)  # coarse values: ties inside resamples
+    for frame in (noisy, noisy[~((noisy["method"] == "d") & (noisy.index % 3 == 0))]):
+        out = metrics.rank_intervals(frame, n_boot=500, seed=2)
+        assert out["p_best"].sum() == pytest.approx(1.0, abs=1e-12)
+    # means that differ in the last bits only (summation order) still tie
+    eps = pd.DataFrame({"method": ["a", "b"], "subset": [["x"], ["x"]], "n": 1, "score": [0.1 + 0.2, 0.3]})
+    assert metrics.rank_intervals(eps, n_boot=10)["tied"].all()
+
+
+def test_rank_intervals_do_not_depend_on_row_order():
+    df = _paired_scores({"a": 0.01, "b": 0.0, "c": -0.01}, k=15, noise=0.02)
+    unpaired = df.drop(index=[3, 17, 40])
+    for frame in (df, unpaired):
+        a = metrics.rank_intervals(frame, n_boot=300, seed=4)
+        b = metrics.rank_intervals(frame.sample(frac=1.0, random_state=1), n_boot=300, seed=4)
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    p1 = metrics.paired_comparisons(df, n_boot=300, seed=4)
+    p2 = metrics.paired_comparisons(df.iloc[::-1], n_boot=300, seed=4)
+    pd.testing.assert_frame_equal(p1, p2, check_exact=True)
+
+
 def test_paired_comparisons_all_pairs():
     df = _paired_scores({"a": 0.03, "b": 0.0, "c": -0.03}, k=20)
     out = metrics.paired_comparisons(df, n_boot=500)

@@ -37,7 +37,7 @@ def test_run_resume_and_summary(tiny_suites, tmp_path, monkeypatch):
 
     results = tmp_path / "results"
     plan = plan_eval("linear", "tiny", log=lambda m: None)
-    real = runner._run_unit
+    real = runner.run_unit
     calls = []
 
     def crash_after_three(*args, **kw):
@@ -46,11 +46,11 @@ def test_run_resume_and_summary(tiny_suites, tmp_path, monkeypatch):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(runner, "_run_unit", crash_after_three)
+    monkeypatch.setattr(runner, "run_unit", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         run_eval(plan, results, progress=False, log=lambda m: None)
     assert len(store.completed_units(results)) == 3
-    monkeypatch.setattr(runner, "_run_unit", real)
+    monkeypatch.setattr(runner, "run_unit", real)
     stats = run_eval(plan, results, progress=False, log=lambda m: None)
     assert stats["cached"] == 3 and stats["done"] == len(plan.units) - 3
     rows = _rows(results)
@@ -171,3 +171,26 @@ def test_units_record_scoring_cost_and_log_progress_with_an_eta(tiny_suites, tmp
     progress = [line for line in lines if line.startswith("[")]
     assert len(progress) == len(plan.units) and all(" ETA " in line for line in progress)
     assert progress[-1].endswith("ETA done") and "doc/s" in progress[0]
+
+
+def test_a_reference_model_with_nan_weights_is_refused_naming_the_tensor(tiny_suites, tmp_path):
+    """Scoring a NaN model would store chance-level scores without a word: the unit fails instead."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mergebench.engine import NonFiniteInputError
+
+    plan = plan_eval("linear", "tiny", log=lambda m: None)
+    ref = next(u for u in plan.references if u.role == "expert")
+    folder = tmp_path / "nan-expert"
+    import shutil
+
+    shutil.copytree(plan.paths[ref.members[0]], folder)
+    weights = next(folder.glob("*.safetensors"))
+    state = load_file(weights)
+    name = next(k for k, v in state.items() if v.is_floating_point() and "embed" not in k)
+    state[name] = state[name].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+    save_file(state, weights, metadata={"format": "pt"})
+    plan.paths[ref.members[0]] = str(folder)
+    with pytest.raises(NonFiniteInputError, match=f"tensor {name!r} holds NaN/inf"):
+        run_eval(plan, tmp_path / "results", progress=False, log=lambda m: None)

@@ -465,10 +465,10 @@ def test_paper_task_names_exist_in_the_installed_lm_eval():
 
 def test_headqa_is_a_group_that_aggregates_both_languages():
     """lm-eval's `headqa` is a tag without a score; the suite's group reports one (no data needed)."""
-    from mergebench.runner import _task_manager
+    from mergebench.runner import task_manager_for
 
     prof = load_suite("inthewild").profile("paper", pool="inthewild-qwen3-4b")
-    tm = _task_manager(prof)
+    tm = task_manager_for(prof)
     cfg = tm._entry("headqa_en_es").cfg
     assert cfg["task"] == ["headqa_en", "headqa_es"]
     assert {m["metric"] for m in cfg["aggregate_metric_list"]} == {"acc", "acc_norm"}
@@ -480,10 +480,10 @@ def test_every_profile_scores_a_metric_its_tasks_report():
     """Each task's headline metric is one its lm-eval config reports (a task's metric_list or
     lm-eval's defaults, a group's aggregate_metric_list), for every profile of every suite: one
     TaskManager holds the installed lm-eval tasks, suites/lm_eval and the embedded tasks."""
-    from mergebench.runner import _task_manager
+    from mergebench.runner import task_manager_for
     from mergebench.suites import check_task_metrics
 
-    tm = _task_manager(load_suite("inthewild").profile("paper", pool="inthewild-qwen3-4b"))
+    tm = task_manager_for(load_suite("inthewild").profile("paper", pool="inthewild-qwen3-4b"))
     checked = 0
     for suite in list_suites():
         for prof in suite.profiles.values():

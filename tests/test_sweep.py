@@ -218,14 +218,14 @@ def test_a_failing_unit_is_reported_and_the_others_go_on(small, tmp_path, monkey
 
     sweep = plan_sweep(small, {"linear": [{}]}, **QUIET)
     bad = sweep.jobs[1].unit_id
-    real = runner._run_unit
+    real = runner.run_unit
 
     def broken(plan, wu, **kw):
         if wu.unit.unit_id == bad:
             raise RuntimeError("out of memory (simulated)")
         return real(plan, wu, **kw)
 
-    monkeypatch.setattr(runner, "_run_unit", broken)
+    monkeypatch.setattr(runner, "run_unit", broken)
     stats = run_sweep(sweep, tmp_path, progress=False, **QUIET)
     assert stats.failed == {bad: "RuntimeError: out of memory (simulated)"} and stats.done == 2
     assert bad not in store.completed_units(tmp_path)

@@ -52,6 +52,7 @@ def test_rates_prefer_this_cpu_and_scorer_and_include_the_per_unit_overhead(tmp_
     _write(results, 2, docs=100, eval_s=90.0, scorer="hflm")  # other scorer: never mixed in
     r = measured_rates([results], "tiny")
     assert r.seconds_per_doc == pytest.approx(0.1) and r.seconds_per_merge == pytest.approx(2.0)
+    assert r.merge_seconds("linear", 2) == pytest.approx(2.0)
     assert r.seconds_per_unit == pytest.approx(3.0) and "on this CPU" in r.basis and r.units_measured == 1
     assert measured_rates([results], "tiny", scorer="hflm").seconds_per_doc == pytest.approx(0.9)
     other_threads = measured_rates([results], "tiny", threads=torch.get_num_threads() + 7)
@@ -62,6 +63,16 @@ def test_rates_prefer_this_cpu_and_scorer_and_include_the_per_unit_overhead(tmp_
 def test_pace_switches_to_the_runs_own_rates_after_one_unit():
     pace = Pace(Rates(0.5, 10.0, "assumed", seconds_per_unit=1.0))
     assert pace.unit_seconds(100, merged=True) == pytest.approx(50 + 10 + 1)
-    pace.observe(docs=200, eval_seconds=20.0, unit_seconds=26.0, merge_seconds=4.0)
-    assert pace.seconds_per_doc == pytest.approx(0.1) and pace.seconds_per_merge == pytest.approx(4.0)
+    pace.observe(docs=200, eval_seconds=20.0, unit_seconds=26.0, merge_seconds=4.0, method="ties", n=2)
+    assert pace.seconds_per_doc == pytest.approx(0.1)
+    assert pace.merge_seconds("ties", 8) == pytest.approx(16.0)  # 2 s per merged expert, times 8
+    assert pace.merge_seconds("linear", 4) == pytest.approx(8.0)  # no linear yet: the run's other merges
     assert pace.unit_seconds(100, merged=False) == pytest.approx(10 + 2)  # overhead 26 - 20 - 4
+
+
+def test_stored_merge_rates_are_per_expert_and_per_method(tmp_path):
+    results = tmp_path / "results"
+    _write(results, 0, docs=10, eval_s=1.0, merge_s=2.0)  # linear, n = 2: 1 s per expert
+    r = measured_rates([results], "tiny")
+    assert r.merge_seconds("linear", 8) == pytest.approx(8.0) and r.merge_seconds("ties", 4) == pytest.approx(4.0)
+    assert Rates(0.1, 7.0, "assumed").merge_seconds("ties", 4) == 7.0  # nothing measured: the assumed merge

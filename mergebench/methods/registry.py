@@ -48,6 +48,9 @@ def method(
     *,
     version: str = "1.0",
     citation: str = "",
+    paper: str | None = None,
+    related_papers: Iterable[str] = (),
+    reference_url: str = "",
     params: Iterable[Param] = (),
     contract: InputContract | None = None,
     granularity: Granularity = "tensor",
@@ -80,6 +83,9 @@ def method(
             properties=frozenset(properties),
             source=kernel.__module__,
             validate=validate,
+            paper=paper,
+            related_papers=tuple(related_papers),
+            reference_url=reference_url,
         )
         return register(spec)
 

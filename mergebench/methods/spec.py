@@ -317,6 +317,33 @@ class MethodSpec:
     """Optional cross-parameter check run at the end of :meth:`validate_params` (e.g. a
     wrapper validating the wrapped method's parameters); returns the (possibly completed)
     parameters or raises :class:`ParameterError`."""
+    paper: str | None = None
+    """Key of the method's own paper in the paper registry (``mergebench.papers``); ``citation``
+    stays the free-text form (a plugin may give only that, or a ``reference_url``)."""
+    related_papers: tuple[str, ...] = ()
+    """Registry keys of papers the method follows besides its own (the form it is written in, a
+    paper it is applied as in)."""
+    reference_url: str = ""
+    """A URL for the method when it has no registry paper (the paper's URL is used otherwise)."""
+
+    def __post_init__(self):
+        if self.paper is not None or self.related_papers:
+            from ..papers import get_paper
+
+            for key in (self.paper, *self.related_papers):
+                if key is not None:
+                    get_paper(key)
+
+    def paper_info(self) -> dict[str, Any] | None:
+        """The registry entry of :attr:`paper` (title, authors, year, venue, arXiv, URL), or None."""
+        from ..papers import get_paper
+
+        return get_paper(self.paper).describe() if self.paper else None
+
+    def url(self) -> str:
+        """``reference_url``, else the paper's URL; "" when neither is known."""
+        info = self.paper_info()
+        return self.reference_url or (info["url"] if info else "")
 
     def __call__(self, base, experts, weights, params, ctx):  # noqa: D102 - see Kernel
         return self.kernel(base, experts, weights, params, ctx)
@@ -345,13 +372,19 @@ class MethodSpec:
         return self.validate(out, n_experts) if self.validate is not None else out
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready description (``mergebench methods --json``)."""
+        """JSON-ready description (``mergebench methods --json``), with the registry entries of
+        the method's papers."""
+        from ..papers import get_paper
+
         c = self.contract
         return {
             "name": self.name,
             "version": self.version,
             "summary": self.summary,
             "citation": self.citation,
+            "paper": self.paper_info(),
+            "related_papers": [get_paper(k).describe() for k in self.related_papers],
+            "url": self.url(),
             "granularity": self.granularity,
             "stochastic": self.stochastic,
             "base": c.base,

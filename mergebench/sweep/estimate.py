@@ -34,18 +34,19 @@ class CostEstimate:
     references: int
     docs: int
     rates: Rates
+    merge_seconds: float = 0.0  # the pending merges, each at its method's measured rate for its size
 
     @property
     def seconds(self) -> float:
         """Unit-seconds of the work still to do (one unit at a time)."""
-        return (self.docs * self.rates.seconds_per_doc + self.merges * self.rates.seconds_per_merge
+        return (self.docs * self.rates.seconds_per_doc + self.merge_seconds
                 + (self.units - self.cached) * self.rates.seconds_per_unit)
 
     def describe(self) -> str:
         t = format_duration(self.seconds)
         return (f"{self.units - self.cached} of {self.units} unit(s) to run ({self.merges} merge(s), "
                 f"{self.references} reference(s), {self.docs} documents): ~{t} one unit at a time "
-                f"({self.rates.seconds_per_doc:.3g} s/document, {self.rates.seconds_per_merge:.3g} s/merge, "
+                f"({self.rates.seconds_per_doc:.3g} s/document, {self.merge_seconds:.0f} s of merges, "
                 f"{self.rates.seconds_per_unit:.3g} s/unit besides; "
                 f"{self.rates.basis}). Local executor: ~{t}; Ray: ~{t} / k for k units running at once "
                 "(cluster CPUs / --cpus-per-unit, or GPUs / --gpus-per-unit), plus start-up.")
@@ -54,6 +55,7 @@ class CostEstimate:
 def estimate(plans: Sequence[tuple[SweepPlan, str | os.PathLike]], rates: Rates) -> CostEstimate:
     """Cost of running each (plan, store) pair's pending jobs at ``rates``."""
     units = cached = merges = refs = docs = 0
+    merge_s = 0.0
     for sweep, results_dir in plans:
         todo = sweep.pending(results_dir)
         units += len(sweep.jobs)
@@ -61,7 +63,8 @@ def estimate(plans: Sequence[tuple[SweepPlan, str | os.PathLike]], rates: Rates)
         merges += sum(j.method is not None for j in todo)
         refs += sum(j.method is None for j in todo)
         docs += sum(_docs(sweep, j) for j in todo)
-    return CostEstimate(units, cached, merges, refs, docs, rates)
+        merge_s += sum(rates.merge_seconds(j.method, len(j.unit.members)) for j in todo if j.method is not None)
+    return CostEstimate(units, cached, merges, refs, docs, rates, merge_s)
 
 
 def unit_memory(sweep: SweepPlan, rates: Rates) -> int:

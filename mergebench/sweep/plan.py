@@ -110,7 +110,7 @@ def validate_points(
                              f"{', '.join(specs)}")
     out: dict[str, list[Point]] = {}
     for name, spec in specs.items():
-        sizes = sorted({len(s.members) + runner._base_as_expert(spec, s) for s in subsets})
+        sizes = sorted({len(s.members) + runner.base_as_expert(spec, s) for s in subsets})
         own_fixed = {k: v for k, v in fixed.items() if k in spec.param_names}
         seen: set[str] = set()
         out[name] = []
@@ -138,7 +138,7 @@ def task_manager(profile: Profile):
     """The lm-eval task manager of ``profile``'s tasks and split, built once per process."""
     key = (os.environ.get("MERGEBENCH_SUITES"), profile.docs.split, tuple(t.name for t in profile.tasks))
     if key not in _TASK_MANAGERS:
-        _TASK_MANAGERS[key] = runner._task_manager(profile)
+        _TASK_MANAGERS[key] = runner.task_manager_for(profile)
     return _TASK_MANAGERS[key]
 
 
@@ -150,14 +150,14 @@ def with_split(plan: EvalPlan, split: str) -> EvalPlan:
     """
     if split == plan.profile.docs.split:
         return plan
-    if not runner._is_embedded(plan.profile.tasks):
+    if not runner.is_embedded(plan.profile.tasks):
         raise SuiteError(
             f"profile {plan.profile.name!r} evaluates hub tasks, whose splits mergebench does not choose; "
             "tuning on a validation split needs the embedded tasks"
         )
     prof = plan.profile.model_copy(update={"docs": plan.profile.docs.model_copy(update={"split": split})})
     tm = task_manager(prof)
-    samples = runner._doc_samples(prof, tm)
+    samples = runner.doc_samples(prof, tm)
     doc_hash = store.doc_index_hash(samples)
 
     def move(wu: WorkUnit) -> WorkUnit:

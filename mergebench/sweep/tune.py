@@ -92,7 +92,7 @@ def plan_tuning(suite: str, points: Mapping[str, Sequence[Point]], *, trials: in
     """
     keep = {k: kw[k] for k in ("pool", "profile", "params", "values", "quick") if k in kw}
     _, prof, _ = _resolve(suite, keep.get("pool"), keep.get("profile"), keep.get("quick", False), keep.get("values"))
-    if not runner._is_embedded(prof.tasks):
+    if not runner.is_embedded(prof.tasks):
         raise ParameterError(f"profile {prof.name!r} evaluates hub tasks, whose splits mergebench does not choose; "
                              "--tune needs the embedded tasks (their validation split)")
     if prof.docs.split == VALIDATION_SPLIT:

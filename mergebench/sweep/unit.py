@@ -76,9 +76,9 @@ def _node_paths(plan: EvalPlan) -> dict[str, str]:
     key = (plan.pool.name, tuple(sorted(plan.identities.items())))
     if key not in _NODE_PATHS:
         with _node_lock():
-            runner._ensure_zoo(plan.pool, log=lambda m: None)
+            runner.ensure_zoo(plan.pool, log=lambda m: None)
         report = validate_pool_compatibility(plan.pool)
-        ident = {n: runner._identity(plan.pool, n, fp) for n, fp in report.fingerprints.items()}
+        ident = {n: runner.model_identity(plan.pool, n, fp) for n, fp in report.fingerprints.items()}
         differ = sorted(n for n in plan.identities if ident.get(n) != plan.identities[n])
         if differ:
             raise RuntimeError(
@@ -136,7 +136,7 @@ def run_job(
         frame, record = _compute(plan, wu, provenance, device=device, threads=threads, host=host, pid=pid)
         res = store.write_unit(wu.unit, frame, run_id=run_id, results_dir=results_dir, provenance=record,
                                exclusive=True)
-    score = runner._headline(frame, wu.tasks)
+    score = runner.headline_score(frame, wu.tasks)
     return UnitOutcome(uid, "done" if res.written else "skipped", time.perf_counter() - t0, host, pid,
                        None if math.isnan(score) else float(score))
 
@@ -150,8 +150,10 @@ def _compute(plan: EvalPlan, wu: WorkUnit, provenance: Mapping[str, Any], *, dev
     if threads:
         torch.set_num_threads(int(threads))
     plan = node_plan(plan)
+    t0 = time.perf_counter()
     with torch.inference_mode():
-        rows, prov = runner._run_unit(plan, wu, device=device, batch_size=plan.profile.eval.batch_size,
+        rows, prov = runner.run_unit(plan, wu, device=device, batch_size=plan.profile.eval.batch_size,
                                       quiet=True)
     frame = metrics.add_normalized(pd.DataFrame(rows))
+    prov["unit_wall_s"] = time.perf_counter() - t0  # what sweep estimates are calibrated on (mergebench.pace)
     return frame, {**dict(_environment(device)), **prov, "host": host, "pid": pid, **dict(provenance)}
