@@ -253,9 +253,9 @@ def page_ranking():
             tasks = queries.task_scores(RESULTS, SIG, filters, SEED)
             table(tasks.drop(columns=["rank", "variant"], errors="ignore"),
                   help_={"params_label": _params_help(run)}, height=min(640, 38 + 35 * len(tasks)))
-    st.subheader("Published by the seed papers (never ranked)")
+    st.subheader("Published in the papers (never ranked)")
     if pubs.empty:
-        st.info("The seed papers print no comparable numbers for these filters.")
+        st.info("The papers print no comparable numbers for these filters.")
     else:
         lead = ["table", "pool", "n", "method", "label"]
         rest = [c for c in ("score", "merging_loss_pct", "p_gt_base", "gain_vs_base_pp", "p_gt_best_expert",
@@ -398,7 +398,7 @@ def page_methods():
             st.code(cmd, language="bash")
     pap = queries.paper_method_rows(RESULTS, SIG, method)
     if not pap.empty:
-        st.markdown("**Published rows** (the seed papers' printed numbers)")
+        st.markdown("**Published rows** (the papers' printed numbers)")
         table(pap.assign(table=pap["table"].map(report.table_title)))
     with st.expander("Full spec (JSON)"):
         st.code(json.dumps(spec, indent=1, default=str), language="json")

@@ -127,6 +127,20 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def _check_output(option: str, path: Path | None, *, folder: bool = False) -> None:
+    """``option``'s ``path`` can be written as a file (or, with ``folder``, a folder): it is not the
+    other kind of thing and lies under no file (it need not exist yet); else a one-line error."""
+    if path is None:
+        return
+    if path.exists() and path.is_dir() != folder:
+        _fail(f"{option} {path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
+    anc = path.absolute().parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        _fail(f"{option} {path} lies under {anc}, which is a file, not a folder")
+
+
 def _short(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
@@ -302,10 +316,9 @@ def eval_cmd(
     console.print(f"{stats['done']} unit(s) evaluated, {stats['cached']} reused from {results} (run {stats['run_id']})")
     table, loss = summarize(plan, results)
     _print_summary(plan, table, loss)
-    console.print(
-        f"rows stored in {results}/ (Parquet). Next: [bold]mergebench report --suite {plan.suite.name}[/] "
-        f"(rankings) or [bold]mergebench leaderboard --results {results}[/] (browse)", highlight=False,
-    )
+    from .sweep.command import next_steps
+
+    next_steps(console, plan.suite.name, results)
 
 
 def _print_summary(plan, table, loss) -> None:
@@ -640,6 +653,10 @@ def leaderboard_cmd(
     child that is stopped with the command."""
     import subprocess
 
+    from .store import check_results_dir
+
+    check_results_dir(results, writable=False)
+    _check_port(host, port)
     app_py = Path(__file__).resolve().parents[1] / "leaderboard" / "app.py"
     if not app_py.is_file():
         _fail(f"leaderboard app not found at {app_py} (run from a mergebench checkout)")
@@ -667,6 +684,33 @@ def leaderboard_cmd(
     raise typer.Exit(code)
 
 
+def _check_port(host: str, port: int) -> None:
+    """The leaderboard can listen on ``host:port`` (checked before Streamlit starts, which would
+    otherwise report a busy port in its own words, after the command has been replaced by it)."""
+    import errno
+    import socket
+
+    if not 0 < port < 65536:
+        _fail(f"--port must be in 1..65535, got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Streamlit's server does
+            sock.bind(addr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            _fail(f"--port {port}: {host}:{port} is already in use (another leaderboard?); choose another --port")
+        _fail(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})")
+
+
+def _stored_suites(results: Path) -> set[str]:
+    """Suites with rows in ``results`` or in the papers' tables."""
+    from .store import connect
+
+    with connect(results) as con:
+        return {r[0] for r in con.execute("SELECT DISTINCT suite FROM all_results").fetchall()}
+
+
 @app.command("report")
 def report_cmd(
     results: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
@@ -679,8 +723,17 @@ def report_cmd(
     """The leaderboard's rankings as static tables (papers, CI logs)."""
     from .report import store_notice, write_report
 
+    from .store import check_results_dir
+
     if fmt not in ("md", "csv", "html"):
-        _fail("--format must be md, csv or html")
+        _fail(f"--format must be md, csv or html, got {fmt!r}")
+    check_results_dir(results, writable=False)
+    _check_output("--out", out_file)
+    _check_output("--plots", plots, folder=True)
+    if suite is not None and suite not in _stored_suites(results):  # not stored: it must at least exist
+        from .suites import load_suite
+
+        load_suite(suite)
     notice = store_notice(results)
     if notice:
         console.print(f"[bold yellow]warning:[/] {escape(notice)}", highlight=False, soft_wrap=True)
@@ -771,6 +824,7 @@ def zoo_materialize(
     """Turn base + committed adapters into full-weight HF folders (sha256-verified, idempotent)."""
     from .zoo import pool
 
+    _check_output("--cache", cache, folder=True)
     paths = pool.materialize(cache, _split(experts) or None, log=lambda m: console.print(m, highlight=False), force=force)
     for name, path in paths.items():
         out.print(f"{name}\t{path}")
@@ -786,7 +840,13 @@ def zoo_verify(
 ) -> None:
     """Score the base and every expert on every embedded task (base vs experts table)."""
     from .zoo import pool
+    from .zoo.tasks import SPLITS
 
+    if split not in SPLITS:  # before the pool is materialized and loaded
+        _fail(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if docs < 0:
+        _fail(f"--docs must be 0 (all) or more, got {docs}")
+    _check_output("--json", as_json)
     rows = pool.verify(split, docs or None, seed, _split(experts) or None, log=console.print)
     if as_json:
         as_json.write_text(json.dumps(rows, indent=1))

@@ -166,7 +166,9 @@ UNIT_COLUMNS = ("unit_id", "run_id", "source", "suite", "suite_version", "profil
 GROUP_KEYS = ("suite", "suite_version", "profile", "pool", "base_model")
 
 
-def _select_metric(df: pd.DataFrame, metric: str | Mapping[str, str] | None) -> pd.DataFrame:
+def select_metric(df: pd.DataFrame, metric: str | Mapping[str, str] | None) -> pd.DataFrame:
+    """The rows of each task's headline metric: ``metric`` names it (one name, or per task); None
+    takes the only metric each task has (an error if a task has several)."""
     if metric is None:
         if df.groupby("task")["metric"].nunique().max() > 1 if len(df) else False:
             raise ValueError("rows hold several metrics per task; pass metric= (a name or {task: metric})")
@@ -188,7 +190,7 @@ def unit_scores(data: pd.DataFrame | Any, *, metric: str | Mapping[str, str] | N
     """
     if not isinstance(data, pd.DataFrame):
         return _unit_scores_sql(data, metric=metric, tasks=tasks, value_col=value_col, where=where)
-    d = _select_metric(data, metric)
+    d = select_metric(data, metric)
     if tasks is not None:
         d = d[d["task"].isin(list(tasks))]
     cols = [c for c in UNIT_COLUMNS if c in d.columns and c != "unit_id"]

@@ -968,7 +968,7 @@ def store_notice(results_dir: str | os.PathLike, con=None) -> str | None:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         return (f"No results store at {results_dir}: nothing has been reproduced here yet (run `mergebench eval`, "
-                "or pass --results); only the seed papers' published numbers are shown.")
+                "or pass --results); only the papers' published numbers are shown.")
     own = con is None
     con = con or connect(results_dir)
     try:
@@ -978,7 +978,7 @@ def store_notice(results_dir: str | os.PathLike, con=None) -> str | None:
             con.close()
     if n == 0:
         return (f"The results store at {results_dir} holds no merged runs yet (run `mergebench eval`); only the "
-                "seed papers' published numbers are shown.")
+                "papers' published numbers are shown.")
     return None
 
 

@@ -109,7 +109,7 @@ def task_manager_for(profile: Profile):
     from lm_eval.tasks import TaskManager
 
     groups = embedded.embedded_dir().parent / "lm_eval"  # groups the suites define over lm-eval tasks
-    return TaskManager(include_path=[str(embedded._yaml_dir(profile.docs.split)), str(groups)])
+    return TaskManager(include_path=[str(embedded.yaml_dir(profile.docs.split)), str(groups)])
 
 
 def _task_leaves(profile: Profile, tm) -> dict[str, dict[str, int]]:
@@ -226,7 +226,7 @@ def plan_eval(
         suite=suite_obj.name, suite_version=str(suite_obj.version), profile=prof.name, pool=pool_obj.name,
         base_model=pool_obj.base.spec, doc_index_hash=doc_hash,
     )
-    lm_eval_version = getattr(lm_eval, "__version__", None) or store._pkg_version("lm_eval")
+    lm_eval_version = getattr(lm_eval, "__version__", None) or store.package_version("lm_eval")
 
     def task_key(tasks: list[TaskSpec]) -> list:
         return [t.model_dump(exclude={"note"}) for t in tasks]
@@ -497,7 +497,7 @@ def summarize(plan: EvalPlan, results_dir: str | Path = store.DEFAULT_RESULTS_DI
         for e in plan.profile.experts(plan.pool):
             for t in plan.profile.reference_tasks(plan.pool, e):
                 task_expert.setdefault(t.name, e)
-        sel = metrics._select_metric(rows, metric)
+        sel = metrics.select_metric(rows, metric)
         loss = metrics.merging_loss(sel[sel["role"] == "merged"], sel[sel["role"] == "expert"], task_expert)
         loss = metrics.average_merging_loss(loss)
     return table, (loss if loss is not None else pd.DataFrame())

@@ -98,7 +98,7 @@ class PrefixSharingLM(HFLM):
     and ``max_rows`` its rows. ``batch_size`` is lm-eval's and applies to the stock paths only:
     shared rows are short (one document), so many more of them fit in one efficient batch."""
 
-    def __init__(self, *args, token_budget: int = 4096, max_rows: int = 256, quiet: bool = False, **kwargs):
+    def __init__(self, *args, token_budget: int = 1024, max_rows: int = 256, quiet: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_budget, self.max_rows = int(token_budget), int(max_rows)
         self.quiet = quiet

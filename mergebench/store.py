@@ -97,7 +97,7 @@ class StoreWarning(UserWarning):
     """A damaged store file was skipped, or a safeguard is unavailable; the message names the file."""
 
 
-def _warn(message: str) -> None:
+def warn_store(message: str) -> None:
     # one line (Python's default format adds the source line of a plain warnings.warn)
     warnings.warn_explicit(message, StoreWarning, filename="mergebench store", lineno=0, module="mergebench.store")
 
@@ -208,7 +208,7 @@ def _deep_problem(path: Path, schema: pa.Schema) -> str | None:
     return problem
 
 
-def _glob_health(root: Path, pattern: str, *, as_str: bool = False) -> tuple[list, list[tuple[Path, str]]]:
+def glob_health(root: Path, pattern: str, *, as_str: bool = False) -> tuple[list, list[tuple[Path, str]]]:
     """(sound files, [(damaged file, problem)]) matching ``pattern`` under ``root``, sorted; the
     sound ones as strings with ``as_str`` (this runs over every file of the store: Paths cost)."""
     good: list = []
@@ -236,18 +236,18 @@ def _warn_damaged(bad: Iterable[tuple[Path, str]], results_dir: Path | None = No
             continue
         _WARNED.add(key)
         where = f" --results {results_dir}" if results_dir is not None and Path(results_dir) != DEFAULT_RESULTS_DIR else ""
-        _warn(f"{f} {problem}: skipped (run `mergebench store check{where} --fix` to move it aside)")
+        warn_store(f"{f} {problem}: skipped (run `mergebench store check{where} --fix` to move it aside)")
 
 
-def _scan(results_dir: Path, folder: str, pattern: str) -> list[Path]:
+def scan_files(results_dir: Path, folder: str, pattern: str) -> list[Path]:
     """The sound files matching ``pattern`` under ``results_dir/folder``; damaged ones are skipped
     with a warning each."""
-    good, bad = _glob_health(Path(results_dir) / folder, pattern)
+    good, bad = glob_health(Path(results_dir) / folder, pattern)
     _warn_damaged(bad, results_dir)
     return good
 
 
-def _read_sound(files: Iterable[Path], results_dir: Path | None = None, **kw) -> list[tuple[Path, pa.Table]]:
+def read_sound(files: Iterable[Path], results_dir: Path | None = None, **kw) -> list[tuple[Path, pa.Table]]:
     """(file, table) for each of ``files`` that pyarrow reads; the others are skipped with a warning."""
     out = []
     for f in files:
@@ -260,7 +260,7 @@ def _read_sound(files: Iterable[Path], results_dir: Path | None = None, **kw) ->
     return out
 
 
-def _quarantine(results_dir: Path, items: Sequence[tuple[Path, str]], stamp: str | None = None) -> list[Path]:
+def quarantine_files(results_dir: Path, items: Sequence[tuple[Path, str]], stamp: str | None = None) -> list[Path]:
     """Move ``items`` ([(file, why)]) to ``quarantine/<stamp>/<path under results_dir>`` (never
     deleting anything) and append each move to that folder's ``moved.tsv``; the new paths."""
     results_dir = Path(results_dir)
@@ -288,76 +288,76 @@ def _quarantine(results_dir: Path, items: Sequence[tuple[Path, str]], stamp: str
     return moved
 
 
-def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
+def schema_field(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
     return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
 
 
 RESULTS_SCHEMA = pa.schema(
     [
-        _f("run_id", pa.string(), "Id of the `mergebench eval` invocation that wrote the row (see new_run_id).", False),
-        _f("unit_id", pa.string(), "Content hash of the unit of work (see unit_id()); equal ids, identical work.",
+        schema_field("run_id", pa.string(), "Id of the `mergebench eval` invocation that wrote the row (see new_run_id).", False),
+        schema_field("unit_id", pa.string(), "Content hash of the unit of work (see unit_id()); equal ids, identical work.",
            False),
-        _f("source", pa.string(), "'run' for rows measured here, 'paper' for numbers transcribed from a paper.", False),
-        _f("suite", pa.string(), "Suite name, e.g. 'inthewild'.", False),
-        _f("suite_version", pa.string(), "Suite version string; results of different versions are not comparable."),
-        _f("profile", pa.string(), "Suite profile, e.g. 'embedded' or 'paper' (sizes, doc counts)."),
-        _f("pool", pa.string(), "Name of the model pool the experts come from."),
-        _f("base_model", pa.string(), "Base model id (HF id or local name) the experts were fine-tuned from."),
-        _f("method", pa.string(), "Merge method name (registry name); null for reference rows (role base/expert)."),
-        _f("method_version", pa.string(), "MethodSpec.version of the method; null for reference rows."),
-        _f("params_json", pa.string(), "Merge hyper-parameters as canonical JSON (sorted keys); '{}' if none."),
-        _f("seed", pa.int64(), "Seed of the subset sampler / stochastic merge for this unit."),
-        _f("subset", pa.list_(pa.string()), "Expert names merged, in merge order; [model] for a reference row."),
-        _f("n", pa.int32(), "Merge size: number of experts in `subset` (0 for the base model, 1 for an expert)."),
-        _f("role", pa.string(), "'merged' (a merge of `subset`), 'base' (the base model) or 'expert' (one expert).",
+        schema_field("source", pa.string(), "'run' for rows measured here, 'paper' for numbers transcribed from a paper.", False),
+        schema_field("suite", pa.string(), "Suite name, e.g. 'inthewild'.", False),
+        schema_field("suite_version", pa.string(), "Suite version string; results of different versions are not comparable."),
+        schema_field("profile", pa.string(), "Suite profile, e.g. 'embedded' or 'paper' (sizes, doc counts)."),
+        schema_field("pool", pa.string(), "Name of the model pool the experts come from."),
+        schema_field("base_model", pa.string(), "Base model id (HF id or local name) the experts were fine-tuned from."),
+        schema_field("method", pa.string(), "Merge method name (registry name); null for reference rows (role base/expert)."),
+        schema_field("method_version", pa.string(), "MethodSpec.version of the method; null for reference rows."),
+        schema_field("params_json", pa.string(), "Merge hyper-parameters as canonical JSON (sorted keys); '{}' if none."),
+        schema_field("seed", pa.int64(), "Seed of the subset sampler / stochastic merge for this unit."),
+        schema_field("subset", pa.list_(pa.string()), "Expert names merged, in merge order; [model] for a reference row."),
+        schema_field("n", pa.int32(), "Merge size: number of experts in `subset` (0 for the base model, 1 for an expert)."),
+        schema_field("role", pa.string(), "'merged' (a merge of `subset`), 'base' (the base model) or 'expert' (one expert).",
            False),
-        _f("task", pa.string(), "lm-eval task or subtask name, e.g. 'leaderboard_bbh_navigate'.", False),
-        _f("metric", pa.string(), "lm-eval metric name without filter suffix, e.g. 'acc_norm'.", False),
-        _f("value", pa.float64(), "Raw metric value as lm-eval reports it (accuracies in [0, 1]).", False),
-        _f("stderr", pa.float64(), "lm-eval's standard error of `value`; null when lm-eval gives none."),
-        _f("n_docs", pa.int64(), "Number of evaluation documents behind `value`."),
-        _f("normalized_value", pa.float64(),
+        schema_field("task", pa.string(), "lm-eval task or subtask name, e.g. 'leaderboard_bbh_navigate'.", False),
+        schema_field("metric", pa.string(), "lm-eval metric name without filter suffix, e.g. 'acc_norm'.", False),
+        schema_field("value", pa.float64(), "Raw metric value as lm-eval reports it (accuracies in [0, 1]).", False),
+        schema_field("stderr", pa.float64(), "lm-eval's standard error of `value`; null when lm-eval gives none."),
+        schema_field("n_docs", pa.int64(), "Number of evaluation documents behind `value`."),
+        schema_field("normalized_value", pa.float64(),
            "Open LLM Leaderboard v2 normalized value in [0, 1] (metrics.normalize_leaderboard); else null."),
-        _f("created_at", pa.timestamp("us", tz="UTC"), "When the row's unit was written (UTC).", False),
+        schema_field("created_at", pa.timestamp("us", tz="UTC"), "When the row's unit was written (UTC).", False),
     ],
     metadata={"mergebench_schema_version": SCHEMA_VERSION, "table": "results"},
 )
 
 PROVENANCE_SCHEMA = pa.schema(
     [
-        _f("run_id", pa.string(), "Run id (joins results.run_id).", False),
-        _f("unit_id", pa.string(), "Unit id (joins results.unit_id); null for a run-level record."),
-        _f("suite", pa.string(), "Suite name (also the partition folder)."),
-        _f("method", pa.string(), "Method name; null for reference units."),
-        _f("created_at", pa.timestamp("us", tz="UTC"), "When the record was written (UTC).", False),
-        _f("mergebench_version", pa.string(), "Installed mergebench version."),
-        _f("torch_version", pa.string(), "Installed torch version."),
-        _f("transformers_version", pa.string(), "Installed transformers version."),
-        _f("lm_eval_version", pa.string(), "Installed lm-eval version."),
-        _f("python_version", pa.string(), "Python version."),
-        _f("git_sha", pa.string(), "HEAD commit of the mergebench checkout, '+dirty' if modified; null outside git."),
-        _f("platform", pa.string(), "platform.platform() of the machine."),
-        _f("cpu_model", pa.string(), "CPU model name (from /proc/cpuinfo or platform)."),
-        _f("cpu_cores", pa.int32(), "Logical CPU cores usable by the process."),
-        _f("gpu_name", pa.string(), "CUDA device name used, null on CPU."),
-        _f("device", pa.string(), "Device the unit ran on ('cpu', 'cuda', 'cuda:0', ...)."),
-        _f("doc_index_hash", pa.string(), "Hash of the evaluation document indices used (part of unit_id)."),
-        _f("merge_wall_s", pa.float64(), "Wall time of the merge, seconds (null for reference units)."),
-        _f("merge_peak_rss_bytes", pa.int64(), "Peak resident memory during the merge, bytes."),
-        _f("gpu_peak_mem_bytes", pa.int64(), "Peak CUDA memory allocated during merge + eval, bytes; null on CPU."),
-        _f("eval_wall_s", pa.float64(), "Wall time of the lm-eval evaluation, seconds."),
-        _f("unit_wall_s", pa.float64(), "Wall time of the whole unit (merge or load, diagnostics, scoring), seconds."),
-        _f("eval_docs", pa.int64(), "Documents scored in the unit (every task, every group leaf)."),
-        _f("eval_requests", pa.int64(), "lm-eval requests answered (one per choice of a multiple-choice document)."),
-        _f("eval_tokens", pa.int64(),
+        schema_field("run_id", pa.string(), "Run id (joins results.run_id).", False),
+        schema_field("unit_id", pa.string(), "Unit id (joins results.unit_id); null for a run-level record."),
+        schema_field("suite", pa.string(), "Suite name (also the partition folder)."),
+        schema_field("method", pa.string(), "Method name; null for reference units."),
+        schema_field("created_at", pa.timestamp("us", tz="UTC"), "When the record was written (UTC).", False),
+        schema_field("mergebench_version", pa.string(), "Installed mergebench version."),
+        schema_field("torch_version", pa.string(), "Installed torch version."),
+        schema_field("transformers_version", pa.string(), "Installed transformers version."),
+        schema_field("lm_eval_version", pa.string(), "Installed lm-eval version."),
+        schema_field("python_version", pa.string(), "Python version."),
+        schema_field("git_sha", pa.string(), "HEAD commit of the mergebench checkout, '+dirty' if modified; null outside git."),
+        schema_field("platform", pa.string(), "platform.platform() of the machine."),
+        schema_field("cpu_model", pa.string(), "CPU model name (from /proc/cpuinfo or platform)."),
+        schema_field("cpu_cores", pa.int32(), "Logical CPU cores usable by the process."),
+        schema_field("gpu_name", pa.string(), "CUDA device name used, null on CPU."),
+        schema_field("device", pa.string(), "Device the unit ran on ('cpu', 'cuda', 'cuda:0', ...)."),
+        schema_field("doc_index_hash", pa.string(), "Hash of the evaluation document indices used (part of unit_id)."),
+        schema_field("merge_wall_s", pa.float64(), "Wall time of the merge, seconds (null for reference units)."),
+        schema_field("merge_peak_rss_bytes", pa.int64(), "Peak resident memory during the merge, bytes."),
+        schema_field("gpu_peak_mem_bytes", pa.int64(), "Peak CUDA memory allocated during merge + eval, bytes; null on CPU."),
+        schema_field("eval_wall_s", pa.float64(), "Wall time of the lm-eval evaluation, seconds."),
+        schema_field("unit_wall_s", pa.float64(), "Wall time of the whole unit (merge or load, diagnostics, scoring), seconds."),
+        schema_field("eval_docs", pa.int64(), "Documents scored in the unit (every task, every group leaf)."),
+        schema_field("eval_requests", pa.int64(), "lm-eval requests answered (one per choice of a multiple-choice document)."),
+        schema_field("eval_tokens", pa.int64(),
            "Tokens run through the model (each shared context once with the prefix-sharing scorer)."),
-        _f("eval_docs_per_s", pa.float64(), "Documents scored per second of eval_wall_s."),
-        _f("scorer", pa.string(), "Log-likelihood scorer: 'shared' (prefix-sharing) or 'hflm' (lm-eval's stock HFLM)."),
-        _f("threads", pa.int32(), "CPU threads torch used for the unit."),
-        _f("task_vector_norm", pa.float64(),
+        schema_field("eval_docs_per_s", pa.float64(), "Documents scored per second of eval_wall_s."),
+        schema_field("scorer", pa.string(), "Log-likelihood scorer: 'shared' (prefix-sharing) or 'hflm' (lm-eval's stock HFLM)."),
+        schema_field("threads", pa.int32(), "CPU threads torch used for the unit."),
+        schema_field("task_vector_norm", pa.float64(),
            "||theta_model - theta_base||_2 over the tensors shared with the base, in the evaluated dtype "
-           "(seed 001 Fig. 4); 0 for the base model, null where not measured."),
-        _f("extra_json", pa.string(), "Anything else worth keeping, as JSON."),
+           "(in-the-wild merging study, Fig. 4); 0 for the base model, null where not measured."),
+        schema_field("extra_json", pa.string(), "Anything else worth keeping, as JSON."),
     ],
     metadata={"mergebench_schema_version": SCHEMA_VERSION, "table": "provenance"},
 )
@@ -365,24 +365,62 @@ PROVENANCE_SCHEMA = pa.schema(
 #: Extra columns carried only by published (source='paper') rows.
 PAPER_EXTRA_SCHEMA = pa.schema(
     [
-        _f("table", pa.string(), "Origin table, e.g. 'seed000_table1' (seed number + table number)."),
-        _f("label", pa.string(), "The row/column label as printed in the paper."),
-        _f("n_combinations", pa.int64(), "Number of subsets behind an aggregate (seed 001's k in 'n = m (k)')."),
-        _f("averaged_metric", pa.string(),
+        schema_field("table", pa.string(),
+                     "Origin table, e.g. 'seed000_table1': the paper's file prefix (suites/papers/papers.yaml) "
+                     "and the table number."),
+        schema_field("label", pa.string(), "The row/column label as printed in the paper."),
+        schema_field("n_combinations", pa.int64(),
+                     "Number of subsets behind an aggregate (the in-the-wild merging study's k in 'n = m (k)')."),
+        schema_field("averaged_metric", pa.string(),
            "For metric 'reported_average'/'reported_std': the metric(s) averaged ('a|b')."),
-        _f("average_over", pa.string(), "For reported averages: 'task' or 'base_model'."),
-        _f("derived_from", pa.string(), "Table whose rows a reported average summarizes, when not its own table."),
-        _f("note", pa.string(),
+        schema_field("average_over", pa.string(), "For reported averages: 'task' or 'base_model'."),
+        schema_field("derived_from", pa.string(), "Table whose rows a reported average summarizes, when not its own table."),
+        schema_field("note", pa.string(),
            "Transcription remarks; a printed value that its own rows do not reproduce says 'inconsistent'."),
     ]
 )
 PAPER_SCHEMA = pa.schema(list(RESULTS_SCHEMA) + list(PAPER_EXTRA_SCHEMA))
 
+#: The ``diagnostics`` table (written by :mod:`mergebench.diagnostics.store`; defined here, with the
+#: other tables, so that the store's views need not import the diagnostics room).
+DIAGNOSTICS_SCHEMA = pa.schema(
+    [
+        schema_field("run_id", pa.string(), "Id of the `mergebench diagnose` invocation that wrote the row.", False),
+        schema_field("unit_id", pa.string(), "Content hash of the diagnostic unit (DiagUnit.unit_id).", False),
+        schema_field("created_at", pa.timestamp("us", tz="UTC"), "When the unit was written (UTC).", False),
+        schema_field("pool", pa.string(), "Model pool name."),
+        schema_field("base_model", pa.string(), "Base model id the task vectors are taken against."),
+        schema_field("method", pa.string(), "Merge method of the merged model diagnosed; null if no merged model."),
+        schema_field("method_version", pa.string(), "MethodSpec.version of `method`."),
+        schema_field("params_json", pa.string(), "Merge hyper-parameters as canonical JSON; '{}' if none."),
+        schema_field("subset", pa.list_(pa.string()), "Experts diagnosed (and merged, when `method` is set), in order."),
+        schema_field("seed", pa.int64(), "Seed of the bootstrap / stochastic merge."),
+        schema_field("settings_json", pa.string(),
+           "Diagnostic settings as canonical JSON (layer, pooling, normalize, n_boot, zero_tol, probe hash...)."),
+        schema_field("kind", pa.string(), "'weights', 'representations', 'activations' or 'stats'.", False),
+        schema_field("metric", pa.string(), "Metric name, e.g. 'cosine', 'sign_change_ratio', 'hidden_sim', 'mds', "
+           "'effective_rank', 'anova_p', 'pearson_r'.", False),
+        schema_field("model", pa.string(), "Model the value is about (first of a pair); for stats the factor/metric tested."),
+        schema_field("model_b", pa.string(), "Second model of a pairwise metric; null otherwise."),
+        schema_field("layer", pa.string(), "'layers.<i>' (weight block), a tensor name, 'hidden.<i>' (hidden state i), "
+           "'last'; null for whole-model values."),
+        schema_field("scope", pa.string(), "'global', 'block', 'tensor' or 'layer': what `layer` groups."),
+        schema_field("task", pa.string(), "Task the value belongs to (MDS per task), when known."),
+        schema_field("value", pa.float64(), "The metric (bootstrap mean for activations); null where undefined."),
+        schema_field("std", pa.float64(), "Bootstrap standard deviation (activations); null otherwise."),
+        schema_field("point", pa.float64(), "Value on all probe inputs, without resampling (activations)."),
+        schema_field("n", pa.int64(), "Sample size behind the value: parameters, tensors averaged, bootstrap draws, "
+           "observations."),
+        schema_field("extra_json", pa.string(), "Anything else, as JSON."),
+    ],
+    metadata={"mergebench_schema_version": SCHEMA_VERSION, "table": "diagnostics"},
+)
+
 _REQUIRED_ROW_COLUMNS = ("task", "metric", "value")
 _UNIT_COLUMNS = ("run_id", "unit_id", "source", "suite", "suite_version", "profile", "pool", "base_model", "method",
                  "method_version", "params_json", "seed", "subset", "n", "role", "created_at")
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
-_RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 def schema_doc(schema: pa.Schema = RESULTS_SCHEMA) -> list[tuple[str, str, str]]:
@@ -546,14 +584,14 @@ def _commit(tmp: Path, final: Path, *, overwrite: bool = False) -> bool:
             pass
 
 
-def _atomic_write(table: pa.Table, final: Path, *, overwrite: bool = False) -> bool:
+def atomic_write_table(table: pa.Table, final: Path, *, overwrite: bool = False) -> bool:
     """Write ``table`` to ``final`` via a hidden temp file (:func:`_stage` + :func:`_commit`)."""
     return _commit(_stage(table, final), final, overwrite=overwrite)
 
 
 def _unit_files(results_dir: Path, uid: str) -> list[Path]:
     """The unit's sound rows files (damaged ones are skipped with a warning)."""
-    return _scan(results_dir, "runs", f"suite=*/method=*/part-*-{uid}.parquet")
+    return scan_files(results_dir, "runs", f"suite=*/method=*/part-*-{uid}.parquet")
 
 
 def completed_units(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> set[str]:
@@ -562,7 +600,7 @@ def completed_units(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> set
     A unit whose rows file is damaged is not counted (a warning names the file), so a resumed
     run computes it again.
     """
-    good, bad = _glob_health(Path(results_dir) / "runs", "suite=*/method=*/part-*.parquet", as_str=True)
+    good, bad = glob_health(Path(results_dir) / "runs", "suite=*/method=*/part-*.parquet", as_str=True)
     _warn_damaged(bad, Path(results_dir))
     return {f[: -len(".parquet")].rsplit("-", 1)[1] for f in good}
 
@@ -573,7 +611,7 @@ def has_unit(unit: str | Unit, results_dir: str | os.PathLike = DEFAULT_RESULTS_
     return bool(_unit_files(Path(results_dir), uid))
 
 
-def _rows_table(rows: Any) -> pa.Table:
+def rows_table(rows: Any) -> pa.Table:
     if isinstance(rows, pa.Table):
         return rows
     if isinstance(rows, Mapping):  # columns
@@ -583,7 +621,7 @@ def _rows_table(rows: Any) -> pa.Table:
     return pa.Table.from_pylist(list(rows))
 
 
-def _conform(table: pa.Table, schema: pa.Schema, constants: Mapping[str, Any]) -> pa.Table:
+def conform_table(table: pa.Table, schema: pa.Schema, constants: Mapping[str, Any]) -> pa.Table:
     """Fill constant columns, add missing nullable ones, check and cast to `schema`."""
     unknown = set(table.column_names) - set(schema.names)
     if unknown:
@@ -653,14 +691,14 @@ def write_unit(
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}")
-    if not _RUN_ID.match(run_id):
-        raise ValueError(f"run_id {run_id!r} must match {_RUN_ID.pattern}")
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ValueError(f"run_id {run_id!r} must match {RUN_ID_PATTERN.pattern}")
     results_dir = Path(results_dir)
     uid = unit.unit_id
-    existing, damaged = _glob_health(results_dir / "runs", f"suite=*/method=*/part-*-{uid}.parquet")
+    existing, damaged = glob_health(results_dir / "runs", f"suite=*/method=*/part-*-{uid}.parquet")
     if existing:
         return WriteResult(uid, existing[0], False)
-    table = _rows_table(rows)
+    table = rows_table(rows)
     if table.num_rows == 0:
         raise ValueError(f"unit {uid} has no rows to write")
     missing = [c for c in _REQUIRED_ROW_COLUMNS if c not in table.column_names]
@@ -674,7 +712,7 @@ def write_unit(
         "params_json": canonical_json(dict(unit.params)), "seed": unit.seed, "subset": list(unit.subset),
         "n": unit.n, "role": unit.role, "created_at": now,
     }
-    table = _conform(table, RESULTS_SCHEMA, constants)
+    table = conform_table(table, RESULTS_SCHEMA, constants)
     dup = table.group_by(["task", "metric"]).aggregate([("value", "count")])
     if dup.num_rows != table.num_rows:
         raise ValueError(f"unit {uid}: rows repeat a (task, metric) pair")
@@ -686,8 +724,8 @@ def write_unit(
     prov_tmp = None
     try:
         prov_tmp = None if prov is None else _stage(*prov)
-        for moved in _quarantine(results_dir, damaged):
-            _warn(f"moved the damaged rows file of unit {uid} to {moved}; storing the unit again")
+        for moved in quarantine_files(results_dir, damaged):
+            warn_store(f"moved the damaged rows file of unit {uid} to {moved}; storing the unit again")
         if not _commit(rows_tmp, final):
             return WriteResult(uid, final, False)
         # Race resolution: of all committed files of a unit, the lexicographically smallest
@@ -721,7 +759,7 @@ def write_provenance(
     the unit's timings from :func:`measure`); unknown keys go into ``extra_json``.
     """
     table, final = _provenance_table(record, run_id=run_id, unit=unit, suite=suite, results_dir=results_dir)
-    _atomic_write(table, final, overwrite=True)  # the same run re-recording a unit keeps the newest
+    atomic_write_table(table, final, overwrite=True)  # the same run re-recording a unit keeps the newest
     return final
 
 
@@ -737,8 +775,8 @@ def _provenance_table(record: Mapping[str, Any], *, run_id: str, unit: Unit | No
         rec.pop(k, None)
     if unit is None and suite is None:
         raise ValueError("write_provenance needs a unit or a suite")
-    if not _RUN_ID.match(run_id):
-        raise ValueError(f"run_id {run_id!r} must match {_RUN_ID.pattern}")
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ValueError(f"run_id {run_id!r} must match {RUN_ID_PATTERN.pattern}")
     suite = unit.suite if unit is not None else suite
     uid = unit.unit_id if unit is not None else None
     if unit is not None and rec.get("doc_index_hash") is None:
@@ -746,7 +784,7 @@ def _provenance_table(record: Mapping[str, Any], *, run_id: str, unit: Unit | No
     constants = {"run_id": run_id, "unit_id": uid, "suite": suite, "method": unit.method if unit else None,
                  "created_at": _dt.datetime.now(_dt.UTC)}
     row = pa.Table.from_pylist([rec]) if rec else pa.table({"extra_json": pa.array([None], pa.string())})
-    table = _conform(row, PROVENANCE_SCHEMA, constants)
+    table = conform_table(row, PROVENANCE_SCHEMA, constants)
     part = _partition(Path(results_dir), "provenance", suite, unit.method if unit else None)
     return table, part / f"prov-{run_id}-{uid or 'run'}.parquet"
 
@@ -754,14 +792,14 @@ def _provenance_table(record: Mapping[str, Any], *, run_id: str, unit: Unit | No
 def _unit_provenance_files(unit: Unit, results_dir: str | os.PathLike) -> list[Path]:
     """The unit's sound provenance files, none if the unit has no rows (damaged ones skipped, warned)."""
     part = _partition(Path(results_dir), "provenance", unit.suite, unit.method)
-    files = _scan(Path(results_dir), "provenance", f"{part.parent.name}/{part.name}/prov-*-{unit.unit_id}.parquet")
+    files = scan_files(Path(results_dir), "provenance", f"{part.parent.name}/{part.name}/prov-*-{unit.unit_id}.parquet")
     return files if files and has_unit(unit, results_dir) else []
 
 
 def read_unit_provenance(unit: Unit, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> list[dict[str, Any]]:
     """The provenance records of one stored unit (one per run that evaluated it), as dicts; none
     for a unit without rows (provenance left by a failed write is not a record of the unit)."""
-    return [row for _, t in _read_sound(_unit_provenance_files(unit, results_dir), results_dir) for row in t.to_pylist()]
+    return [row for _, t in read_sound(_unit_provenance_files(unit, results_dir), results_dir) for row in t.to_pylist()]
 
 
 def update_provenance(unit: Unit, values: Mapping[str, Any],
@@ -773,21 +811,21 @@ def update_provenance(unit: Unit, values: Mapping[str, Any],
     if bad:
         raise ValueError(f"cannot set provenance columns {bad}")
     files = []
-    for file, table in _read_sound(_unit_provenance_files(unit, results_dir), results_dir):
+    for file, table in read_sound(_unit_provenance_files(unit, results_dir), results_dir):
         files.append(file)
         cols = {name: table.column(name) if name in table.column_names else pa.nulls(table.num_rows, f.type)
                 for name, f in zip(PROVENANCE_SCHEMA.names, PROVENANCE_SCHEMA)}
         for k, v in values.items():
             cols[k] = pa.array([v] * table.num_rows, PROVENANCE_SCHEMA.field(k).type)
         arrays = [cols[f.name].cast(f.type) for f in PROVENANCE_SCHEMA]
-        _atomic_write(pa.Table.from_arrays(arrays, schema=PROVENANCE_SCHEMA), file, overwrite=True)
+        atomic_write_table(pa.Table.from_arrays(arrays, schema=PROVENANCE_SCHEMA), file, overwrite=True)
     return files
 
 
 # ------------------------------------------------------------------------------ provenance
 
 
-def _pkg_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -835,10 +873,10 @@ def collect_environment(device: str | None = None) -> dict[str, Any]:
     except AttributeError:
         cores = os.cpu_count()
     return {
-        "mergebench_version": _pkg_version("mergebench"),
-        "torch_version": _pkg_version("torch"),
-        "transformers_version": _pkg_version("transformers"),
-        "lm_eval_version": _pkg_version("lm_eval") or _pkg_version("lm-eval"),
+        "mergebench_version": package_version("mergebench"),
+        "torch_version": package_version("torch"),
+        "transformers_version": package_version("transformers"),
+        "lm_eval_version": package_version("lm_eval") or package_version("lm-eval"),
         "python_version": platform.python_version(),
         "git_sha": _git_sha(),
         "platform": platform.platform(),
@@ -936,7 +974,7 @@ def _parquet_view(con, name: str, results_dir: Path, schema: pa.Schema, *, pinne
 
     folder, pattern = _TABLE_FILES[name]
     root = results_dir / folder
-    files, bad = _glob_health(root, pattern)
+    files, bad = glob_health(root, pattern)
     _warn_damaged(bad, results_dir)
     con.register(f"_{name}_schema", schema.empty_table())  # the union adds columns older files lack, as NULL
     while files:
@@ -984,7 +1022,6 @@ def connect(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, paper_dir: str
     results_dir = Path(results_dir)
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone = 'UTC'")  # timestamps come back in UTC whatever the machine's zone
-    from .diagnostics.store import DIAGNOSTICS_SCHEMA  # here: diagnostics.store imports this module
 
     read = {"results": _parquet_view(con, "results", results_dir, RESULTS_SCHEMA, pinned=read_only)}
     runs, runs_dynamic = read["results"]
@@ -1195,7 +1232,7 @@ def claim_unit(unit: str | Unit, results_dir: str | os.PathLike = DEFAULT_RESULT
         except OSError as exc:
             if str(path.parent) not in _NO_LOCKS:
                 _NO_LOCKS.add(str(path.parent))
-                _warn(f"{path.parent} has no file locks ({exc.strerror or exc}): units are not claimed, concurrent "
+                warn_store(f"{path.parent} has no file locks ({exc.strerror or exc}): units are not claimed, concurrent "
                       "runs may compute a unit twice (its rows are still stored once)")
             yield Claim(uid, True)
             return
@@ -1288,7 +1325,6 @@ def check_store(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> StoreCh
     """Find damaged or unreadable files (header, footer and schema of every Parquet file of the
     three tables), provenance whose unit has no readable rows, units stored in two files, stale
     hidden temp files and stale claims. Reads and changes nothing else; :func:`fix_store` repairs."""
-    from .diagnostics.store import DIAGNOSTICS_SCHEMA
 
     results_dir = Path(results_dir)
     report = StoreCheck(results_dir)
@@ -1375,7 +1411,7 @@ def fix_store(report: StoreCheck) -> tuple[Path, list[tuple[StoreProblem, Path]]
             if fd is None:
                 continue  # claimed again since the check: live now
         try:
-            dest = _quarantine(report.results_dir, [(p.path, f"{p.kind}: {p.detail}")], stamp)
+            dest = quarantine_files(report.results_dir, [(p.path, f"{p.kind}: {p.detail}")], stamp)
         finally:
             if fd is not None:
                 os.close(fd)

@@ -33,3 +33,23 @@ def fill_disk(monkeypatch, budget: int) -> None:
     import mergebench.engine.writer as writer_module
 
     monkeypatch.setattr(writer_module, "open", lambda *a, **k: FullDisk(open(*a, **k), budget), raising=False)
+
+
+def private_tmpfs(tmp_path, size: str):
+    """A folder under ``tmp_path`` on which a ``size`` tmpfs can be mounted in a private user+mount
+    namespace (``unshare -rm sh -c "mount -t tmpfs -o size=SIZE tmpfs DIR && ..."``: it affects
+    nobody else); the test is skipped where unprivileged namespaces or the mount are not allowed."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1)")
+    mnt = tmp_path / "tiny_fs"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {mnt}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a private tmpfs here: {probe.stderr.strip()}")
+    return mnt

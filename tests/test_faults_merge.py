@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from _faults import fill_disk
+from _faults import fill_disk, private_tmpfs
 from mergebench.cli import app
 from mergebench.toy import make_tiny_pool, tiny_llama_state, write_checkpoint
 
@@ -298,14 +298,7 @@ def test_disk_full_on_a_real_tiny_filesystem(pool, tmp_path):
     """A 64 KiB tmpfs mounted in a private user+mount namespace (affects nobody else; skipped
     where unprivileged namespaces are not allowed): the merge fails with one line and the
     filesystem is left empty."""
-    if not shutil.which("unshare"):
-        pytest.skip("no unshare(1)")
-    mnt = tmp_path / "tiny_fs"
-    mnt.mkdir()
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a private tmpfs here: {probe.stderr.strip()}")
+    mnt = private_tmpfs(tmp_path, "64k")
     merge = [sys.executable, "-m", "mergebench.cli", "merge", "--method", "linear", "--experts", f"{pool.e0},{pool.e1}",
              "--out", f"{mnt}/out", "-q"]
     script = f"mount -t tmpfs -o size=64k tmpfs {mnt} && {' '.join(merge)}; echo rc=$?; ls -A {mnt}"

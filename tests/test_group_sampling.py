@@ -26,14 +26,14 @@ def group_tm(tmp_path, monkeypatch, tiny_suites):
     """A TaskManager holding the embedded tasks plus groups over two of them, used by the runner."""
     from lm_eval.tasks import TaskManager
 
-    from mergebench.zoo.tasks import _yaml_dir
+    from mergebench.zoo.tasks import yaml_dir
 
     folder = tmp_path / "groups"
     folder.mkdir()
     (folder / "weighted.yaml").write_text(_group_yaml("tinygroup", True))
     (folder / "unweighted.yaml").write_text(_group_yaml("tinygroup_mean", False))
     (folder / "noagg.yaml").write_text(_group_yaml("tinygroup_noagg", None))
-    tm = TaskManager(include_path=[str(_yaml_dir("test")), str(folder)], include_defaults=False)
+    tm = TaskManager(include_path=[str(yaml_dir("test")), str(folder)], include_defaults=False)
     monkeypatch.setattr(runner, "task_manager_for", lambda profile: tm)
     return tm
 

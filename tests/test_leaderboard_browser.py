@@ -5,6 +5,12 @@ With ``MERGEBENCH_SCREENSHOTS=1`` every page is saved to ``leaderboard/screensho
 ``MERGEBENCH_SCREENSHOT_RESULTS=results`` shows a real store instead of the synthetic one (the
 table assertions then only check the committed published rows), ``MERGEBENCH_SCREENSHOT_QUERY``
 adds URL filters (``suite=inthewild&profile=embedded``).
+
+Every page of every suite in the store (``?suite=S&page=P``) is also opened and captured, to
+``leaderboard/screenshots/suites/<suite>-<page>.png`` with ``MERGEBENCH_SCREENSHOTS=1``, else to a
+temp folder (pytest's basetemp, ``lb_suite_shots*``): no grid cell may read "None"/"nan", the
+ranking's columns start rank, method, params, then the ranked value (the merging loss on glue),
+and choosing another suite in the sidebar must move ``?suite=`` with it.
 """
 
 from __future__ import annotations
@@ -174,3 +180,124 @@ def test_ranking_table_content(server, browser, store_dir):
     assert pos == sorted(pos), "methods appear in the order DuckDB ranks them"
     page = browser.find_element("css selector", "body").text
     assert "Reproduced here" in page and "Published" in page  # the run table and the papers' table
+
+
+# ------------------------------------------------------------------ every page of every suite
+
+NOT_BLANK = {"None", "nan", "NaN", "<NA>", "NaT"}  # how a missing value leaks into a grid cell
+
+
+@pytest.fixture(scope="module")
+def suite_shots(tmp_path_factory):
+    """Per-suite screenshots: beside the README's with MERGEBENCH_SCREENSHOTS=1, else a temp folder."""
+    if os.environ.get("MERGEBENCH_SCREENSHOTS") == "1":
+        return SHOTS / "suites"
+    return tmp_path_factory.mktemp("lb_suite_shots")
+
+
+def _suites(store_dir) -> list[str]:
+    from mergebench import report
+
+    with report.connect(store_dir) as con:
+        return report.choices(con)["suite"]
+
+
+def _load(browser, url: str, query: str) -> None:
+    """Open ``url/?query`` and wait until the script has run (a table or a notice shown, nothing running)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{url}/?{query}")
+    wait = WebDriverWait(browser, 60)
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "h1")))
+    wait.until(EC.any_of(EC.presence_of_element_located((By.CSS_SELECTOR, '[data-testid="stDataFrame"]')),
+                         EC.presence_of_element_located((By.CSS_SELECTOR, '[data-testid="stAlert"]'))))
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"] button'))
+    time.sleep(1.5)
+
+
+def _full_page_shot(browser, path: Path) -> None:
+    height = browser.execute_script(
+        "const m = document.querySelector('[data-testid=\"stMain\"]') || document.body;"
+        "return Math.max(m.scrollHeight, document.body.scrollHeight);")
+    browser.set_window_size(1500, min(max(1150, int(height) + 60), 4000))
+    time.sleep(0.8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(path))
+    browser.set_window_size(1500, 1150)
+
+
+def _grids(browser) -> list[tuple[list[str], list[str]]]:
+    """(column headers, cell texts) of every dataframe, read from the grid's accessible table."""
+    return browser.execute_script("""
+        return [...document.querySelectorAll('[data-testid="stDataFrame"]')].map(g => [
+            [...g.querySelectorAll('th, [role="columnheader"]')].map(e => e.textContent.trim()),
+            [...g.querySelectorAll('td, [role="gridcell"]')].map(e => e.textContent.trim())]);""")
+
+
+def test_every_page_of_every_suite_renders_without_missing_value_text(server, browser, store_dir, suite_shots):
+    from selenium.webdriver.common.by import By
+
+    suites = _suites(store_dir)
+    assert suites, "the store offers no suite"
+    problems, cells_seen = [], 0
+    for suite in suites:
+        for page in PAGES:
+            _load(browser, server, f"suite={suite}&page={page}")
+            where = f"{suite}/{page}"
+            if browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'):
+                problems.append(f"{where}: the app raised")
+            if "matches nothing" in browser.find_element(By.CSS_SELECTOR, "body").text:
+                problems.append(f"{where}: the app did not recognize ?suite={suite}")
+            for i, (_heads, cells) in enumerate(_grids(browser)):
+                cells_seen += len(cells)
+                bad = sorted({c for c in cells if c in NOT_BLANK})
+                if bad:
+                    problems.append(f"{where}: table {i} shows {bad} in a cell (missing values must be blank)")
+            _full_page_shot(browser, suite_shots / f"{suite}-{page}.png")
+    assert not problems, "\n".join(problems)
+    assert cells_seen > 0  # the accessible grid really was read
+    assert len(list(suite_shots.glob("*.png"))) >= len(suites) * len(PAGES)
+
+
+def test_ranking_columns_come_in_order_on_every_suite(server, browser, store_dir):
+    from mergebench import report
+
+    checked = 0
+    for suite in _suites(store_dir):
+        with report.connect(store_dir) as con:
+            rank = report.run_ranking(con, report.Filters(suite=suite))
+        if rank.empty:  # a suite with published rows only has no reproduced ranking
+            continue
+        _load(browser, server, f"suite={suite}&page=ranking")
+        heads = _grids(browser)[0][0]  # the first table of the page: the reproduced ranking
+        want = "merging loss %" if report.ranked_value(rank) == "merging_loss_pct" else "score"
+        if suite == "glue":
+            assert want == "merging loss %", "glue ranks by the merging loss"
+        assert heads[:4] == ["rank", "method", "params", want], (suite, heads)
+        checked += 1
+    assert checked, "no suite with reproduced rows"
+
+
+def test_changing_the_suite_in_the_sidebar_updates_the_url(server, browser, store_dir):
+    from urllib.parse import parse_qs, urlparse
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    suites = _suites(store_dir)
+    if len(suites) < 2:
+        pytest.skip("the store holds one suite")
+    first, other = suites[0], suites[1]
+    _load(browser, server, f"suite={first}&page=ranking")
+    box = next(b for b in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebar"] [data-testid="stSelectbox"]')
+               if b.text.startswith("Suite"))
+    assert box.find_element(By.CSS_SELECTOR, '[role="combobox"]').get_attribute("value") == first
+    box.find_element(By.CSS_SELECTOR, '[role="combobox"]').click()  # Streamlit's (react-aria) combo box
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, '[role="option"]'))
+    option = next(o for o in browser.find_elements(By.CSS_SELECTOR, '[role="option"]') if o.text.strip() == other)
+    option.click()
+    WebDriverWait(browser, 30).until(lambda d: parse_qs(urlparse(d.current_url).query).get("suite") == [other])
+    query = parse_qs(urlparse(browser.current_url).query)
+    assert query["suite"] == [other] and query["page"] == ["ranking"]

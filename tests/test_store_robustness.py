@@ -462,16 +462,16 @@ def test_task_yaml_folders_live_in_one_per_process_folder_and_dead_ones_are_remo
         p.mkdir()
         (p / "t.yaml").write_text("x")
     os.utime(made["mergebench-tasks-test-old"], (old, old))
-    folder = tasks._yaml_dir("test")
+    folder = tasks.yaml_dir("test")
     assert folder.parent.name.startswith(f"mergebench-tasks-pid{os.getpid()}-") and list(folder.glob("*.yaml"))
-    assert tasks._yaml_dir("validation").parent == folder.parent
+    assert tasks.yaml_dir("validation").parent == folder.parent
     left = {p.name for p in tmp_path.iterdir()}
     assert left == {folder.parent.name, f"mergebench-tasks-pid{os.getppid()}-x", "mergebench-tasks-test-new",
                     "other-folder"}
 
 
 def test_task_yaml_folder_is_removed_when_its_process_exits(tmp_path):
-    code = "from mergebench.zoo import tasks; print(tasks._yaml_dir('test').parent)"
+    code = "from mergebench.zoo import tasks; print(tasks.yaml_dir('test').parent)"
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
     folder = Path(done.stdout.strip())

@@ -280,7 +280,7 @@ def test_task_manager_injects_absolute_paths_per_split(manifest):
     assert set(tasks.task_names(domain="math")) == {"mb_gsm8k_mc", "mb_gsm8k_calc"}
     assert set(tasks.task_names(domain="medical")) == {"mb_medical_terms", "mb_medical_defs"}
     for split in ("test", "validation"):
-        folder = tasks._yaml_dir(split)
+        folder = tasks.yaml_dir(split)
         for y in folder.glob("*.yaml"):
             cfg = yaml.safe_load(y.read_text())
             path = Path(cfg["dataset_kwargs"]["data_files"]["test"])

@@ -111,6 +111,18 @@ def diagnose(
     unknown = set(kinds) - {"weights", "representations", "activations"}
     if unknown:
         raise ValueError(f"unknown diagnostic kind(s) {sorted(unknown)}")
+    if not kinds:
+        raise ValueError("--kinds names no diagnostic kind: give some of weights,representations,activations")
+    if "representations" in kinds and len(experts) < 2:
+        raise ValueError(f"representation diagnostics compare experts: give at least two (got {', '.join(experts)})")
+    if {"representations", "activations"} & set(kinds):  # the layers asked for, before any model is loaded
+        from transformers import AutoConfig
+
+        n_states = AutoConfig.from_pretrained(base).num_hidden_layers + 1  # embeddings + one per block
+        for bad in [layer, *(activation_layers or [])]:
+            if not -n_states <= bad < n_states:
+                raise ValueError(f"layer {bad} is out of range: {base} returns {n_states} hidden states "
+                                 f"(layers {-n_states}..{n_states - 1})")
     run_id = run_id or new_run_id()
     models = {"base": base, **experts, **({merged_name: merged} if merged is not None else {})}
     if "base" in experts:

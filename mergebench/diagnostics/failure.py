@@ -160,7 +160,7 @@ def load_failure_inputs(
             [s.name, prof.name, p.name]).df()
     if methods:
         rows = rows[(rows["role"] == "expert") | rows["method"].isin(list(methods))]
-    sel = metrics._select_metric(rows, metric)
+    sel = metrics.select_metric(rows, metric)
     if sel[sel["role"] == "merged"].empty:
         raise ValueError(f"no merged results of suite {s.name!r} (profile {prof.name!r}, pool {p.name!r}) in "
                          f"{results_dir}: run `mergebench eval --suite {s.name} --method ...` first")

@@ -6,7 +6,7 @@ Layout under a results directory (beside ``runs/`` and ``provenance/``, see :mod
 
 A unit is one diagnostic computation (one kind, one pool, one set of models, one method setting,
 one set of diagnostic settings); its id is a content hash (:class:`DiagUnit`), so a repeated run
-finds it done and writes nothing. Files are written with :func:`mergebench.store._atomic_write`
+finds it done and writes nothing. Files are written with :func:`mergebench.store.atomic_write_table`
 (hidden temp file, then link), exactly like result units: a reader never sees half a file, and a
 damaged file is skipped by every reader with a warning naming it (and moved to ``quarantine/``
 when its unit is stored again). Folder names are for people only; every column lives in the files.
@@ -25,46 +25,14 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
-from .. import store as _store
-from ..store import (DEFAULT_RESULTS_DIR, SCHEMA_VERSION, WriteResult, _atomic_write, _conform, _f, _glob_health,
-                     _quarantine, _read_sound, _rows_table, _scan, _warn, canonical_json)
+from ..store import (DEFAULT_RESULTS_DIR, DIAGNOSTICS_SCHEMA, RUN_ID_PATTERN, SCHEMA_VERSION, WriteResult,
+                     atomic_write_table, canonical_json, conform_table, glob_health, quarantine_files, read_sound,
+                     rows_table, scan_files, warn_store)
 
 __all__ = ["DIAGNOSTICS_SCHEMA", "KINDS", "DiagUnit", "has_diagnostics", "read_diagnostics", "write_diagnostics"]
 
 KINDS = ("weights", "representations", "activations", "stats")
 
-DIAGNOSTICS_SCHEMA = pa.schema(
-    [
-        _f("run_id", pa.string(), "Id of the `mergebench diagnose` invocation that wrote the row.", False),
-        _f("unit_id", pa.string(), "Content hash of the diagnostic unit (DiagUnit.unit_id).", False),
-        _f("created_at", pa.timestamp("us", tz="UTC"), "When the unit was written (UTC).", False),
-        _f("pool", pa.string(), "Model pool name."),
-        _f("base_model", pa.string(), "Base model id the task vectors are taken against."),
-        _f("method", pa.string(), "Merge method of the merged model diagnosed; null if no merged model."),
-        _f("method_version", pa.string(), "MethodSpec.version of `method`."),
-        _f("params_json", pa.string(), "Merge hyper-parameters as canonical JSON; '{}' if none."),
-        _f("subset", pa.list_(pa.string()), "Experts diagnosed (and merged, when `method` is set), in order."),
-        _f("seed", pa.int64(), "Seed of the bootstrap / stochastic merge."),
-        _f("settings_json", pa.string(),
-           "Diagnostic settings as canonical JSON (layer, pooling, normalize, n_boot, zero_tol, probe hash...)."),
-        _f("kind", pa.string(), "'weights', 'representations', 'activations' or 'stats'.", False),
-        _f("metric", pa.string(), "Metric name, e.g. 'cosine', 'sign_change_ratio', 'hidden_sim', 'mds', "
-           "'effective_rank', 'anova_p', 'pearson_r'.", False),
-        _f("model", pa.string(), "Model the value is about (first of a pair); for stats the factor/metric tested."),
-        _f("model_b", pa.string(), "Second model of a pairwise metric; null otherwise."),
-        _f("layer", pa.string(), "'layers.<i>' (weight block), a tensor name, 'hidden.<i>' (hidden state i), "
-           "'last'; null for whole-model values."),
-        _f("scope", pa.string(), "'global', 'block', 'tensor' or 'layer': what `layer` groups."),
-        _f("task", pa.string(), "Task the value belongs to (MDS per task), when known."),
-        _f("value", pa.float64(), "The metric (bootstrap mean for activations); null where undefined."),
-        _f("std", pa.float64(), "Bootstrap standard deviation (activations); null otherwise."),
-        _f("point", pa.float64(), "Value on all probe inputs, without resampling (activations)."),
-        _f("n", pa.int64(), "Sample size behind the value: parameters, tensors averaged, bootstrap draws, "
-           "observations."),
-        _f("extra_json", pa.string(), "Anything else, as JSON."),
-    ],
-    metadata={"mergebench_schema_version": SCHEMA_VERSION, "table": "diagnostics"},
-)
 
 _UNIT_COLS = ("run_id", "unit_id", "created_at", "pool", "base_model", "method", "method_version", "params_json",
               "subset", "seed", "settings_json")
@@ -112,7 +80,7 @@ def _root(results_dir: Path) -> Path:
 
 def _files(results_dir: Path, uid: str) -> list[Path]:
     """The unit's sound files (damaged ones are skipped with a warning)."""
-    return _scan(Path(results_dir), "diagnostics", f"pool=*/kind=*/diag-*-{uid}.parquet")
+    return scan_files(Path(results_dir), "diagnostics", f"pool=*/kind=*/diag-*-{uid}.parquet")
 
 
 def has_diagnostics(unit: DiagUnit | str, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> bool:
@@ -129,18 +97,18 @@ def write_diagnostics(
 ) -> WriteResult:
     """Store one unit's rows (kind, metric, value[, model, model_b, layer, scope, task, std, point, n])
     atomically; idempotent like :func:`mergebench.store.write_unit` (same race resolution)."""
-    if not _store._RUN_ID.match(run_id):
-        raise ValueError(f"run_id {run_id!r} must match {_store._RUN_ID.pattern}")
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ValueError(f"run_id {run_id!r} must match {RUN_ID_PATTERN.pattern}")
     results_dir = Path(results_dir)
     uid = unit.unit_id
-    existing, damaged = _glob_health(_root(results_dir), f"pool=*/kind=*/diag-*-{uid}.parquet")
+    existing, damaged = glob_health(_root(results_dir), f"pool=*/kind=*/diag-*-{uid}.parquet")
     if existing:
         return WriteResult(uid, existing[0], False)
     if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], Mapping):
         # pyarrow's from_pylist keeps only the first row's keys: give every row every column
         cols = list(dict.fromkeys(k for r in rows for k in r))
         rows = {c: [r.get(c) for r in rows] for c in cols}
-    table = _rows_table(rows)
+    table = rows_table(rows)
     if table.num_rows == 0:
         raise ValueError(f"diagnostic unit {uid} has no rows to write")
     missing = [c for c in ("kind", "metric") if c not in table.column_names]
@@ -155,15 +123,15 @@ def write_diagnostics(
         "params_json": canonical_json(dict(unit.params)), "subset": list(unit.subset), "seed": unit.seed,
         "settings_json": canonical_json(dict(unit.settings)),
     }
-    table = _conform(table, DIAGNOSTICS_SCHEMA, constants)
+    table = conform_table(table, DIAGNOSTICS_SCHEMA, constants)
     keys = table.select(list(_KEY_COLS)).to_pylist()
     if len({tuple(k.values()) for k in keys}) != len(keys):
         raise ValueError(f"diagnostic unit {uid}: rows repeat a {_KEY_COLS} key")
     part = _root(results_dir) / f"pool={quote(unit.pool, safe='')}" / f"kind={unit.kind}"
     final = part / f"diag-{run_id}-{uid}.parquet"
-    for moved in _quarantine(results_dir, damaged):
-        _warn(f"moved the damaged diagnostics file of unit {uid} to {moved}; storing the unit again")
-    if not _atomic_write(table, final):
+    for moved in quarantine_files(results_dir, damaged):
+        warn_store(f"moved the damaged diagnostics file of unit {uid} to {moved}; storing the unit again")
+    if not atomic_write_table(table, final):
         return WriteResult(uid, final, False)
     files = _files(results_dir, uid)  # same convergence rule as store.write_unit
     for extra in files[1:]:
@@ -178,7 +146,7 @@ def read_diagnostics(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *, ki
     """Every stored diagnostic row as a pandas DataFrame (DIAGNOSTICS_SCHEMA columns; empty if
     none); a damaged file is skipped with a warning naming it."""
     pat = f"pool={quote(pool, safe='') if pool else '*'}/kind={kind or '*'}/diag-*.parquet"
-    tables = [t for _, t in _read_sound(_scan(Path(results_dir), "diagnostics", pat), Path(results_dir),
+    tables = [t for _, t in read_sound(scan_files(Path(results_dir), "diagnostics", pat), Path(results_dir),
                                         schema=DIAGNOSTICS_SCHEMA)]
     if not tables:
         return DIAGNOSTICS_SCHEMA.empty_table().to_pandas()

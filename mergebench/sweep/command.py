@@ -20,7 +20,7 @@ from .plan import SweepPlan, plan_sweep
 from .summary import point_scores
 from .tune import TUNING_DIR, plan_tuning, tune
 
-__all__ = ["SweepRequest", "execute"]
+__all__ = ["SweepRequest", "execute", "next_steps"]
 
 
 @dataclass
@@ -89,8 +89,8 @@ def _stats_line(stats: SweepStats, where: Path) -> str:
             f"({stats.wall_s:.0f} s, run {stats.run_id})")
 
 
-def _next_steps(console: Console, suite: str, results: Path) -> None:
-    """Where the rows went and what to run next (as `mergebench eval` ends)."""
+def next_steps(console: Console, suite: str, results: Path) -> None:
+    """Where the rows went and what to run next (how `mergebench eval` and `sweep` end)."""
     console.print(
         f"rows stored in {results}/ (Parquet). Next: [bold]mergebench report --suite {suite}[/] "
         f"(rankings) or [bold]mergebench leaderboard --results {results}[/] (browse)", highlight=False,
@@ -137,14 +137,14 @@ def execute(req: SweepRequest, console: Console, out: Console) -> int:
             console.print(_stats_line(res.test_stats, req.results), highlight=False)
             out.print(_scores_table(f"tuned settings on the {res.test.split} split", res.test, req.results))
             failed += len(res.test_stats.failed)
-            _next_steps(console, req.suite, req.results)
+            next_steps(console, req.suite, req.results)
         return 1 if failed or res.test is None else 0
     sweep = plan_sweep(req.suite, points, **kw)
     with executor:
         stats = run_sweep(sweep, req.results, executor=executor, device=req.device, progress=req.progress, log=log)
     console.print(_stats_line(stats, req.results), highlight=False)
     out.print(_scores_table(f"sweep on {sweep.suite}:{sweep.profile.name} ({sweep.split} split)", sweep, req.results))
-    _next_steps(console, req.suite, req.results)
+    next_steps(console, req.suite, req.results)
     return 1 if stats.failed else 0
 
 

@@ -78,7 +78,8 @@ class SweepPlan:
         return [j for j in self.jobs if j.method is not None]
 
 
-def _resolve(suite: str, pool: str | None, profile: str | None, quick: bool, values):
+def resolve_setup(suite: str, pool: str | None, profile: str | None, quick: bool, values):
+    """(suite, profile, pool) objects a sweep or its tuning phase runs on: the profile's first pool by default."""
     suite_obj = load_suite(suite)
     prof = suite_obj.profile("quick" if quick and profile is None else profile, pool=pool)
     return suite_obj, prof, load_pool(pool or prof.pools[0], values)
@@ -100,7 +101,7 @@ def validate_points(
     the points with duplicates removed: two points that validate to the same parameters for every
     size (``0.5`` and ``0.50``) are one unit of work.
     """
-    suite_obj, prof, pool_obj = _resolve(suite, pool, profile, quick, values)
+    suite_obj, prof, pool_obj = resolve_setup(suite, pool, profile, quick, values)
     subsets = prof.subsets(pool_obj)
     specs = {m: get_method(m) for m in points}
     fixed = dict(params or {})

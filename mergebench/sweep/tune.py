@@ -28,7 +28,7 @@ from .. import runner, store
 from ..methods import ParameterError
 from .executors import Executor, SweepStats, run_sweep
 from .grid import Point, trial_points
-from .plan import SweepPlan, _resolve, plan_sweep, validate_points
+from .plan import SweepPlan, resolve_setup, plan_sweep, validate_points
 from .summary import point_scores
 
 __all__ = ["TUNING_DIR", "TuneOutcome", "TuningPlan", "TuningResult", "plan_tuning", "tune", "tuned_label", "tuned_variants"]
@@ -91,7 +91,7 @@ def plan_tuning(suite: str, points: Mapping[str, Sequence[Point]], *, trials: in
     and goes to the test split with its rows left unmarked (default).
     """
     keep = {k: kw[k] for k in ("pool", "profile", "params", "values", "quick") if k in kw}
-    _, prof, _ = _resolve(suite, keep.get("pool"), keep.get("profile"), keep.get("quick", False), keep.get("values"))
+    _, prof, _ = resolve_setup(suite, keep.get("pool"), keep.get("profile"), keep.get("quick", False), keep.get("values"))
     if not runner.is_embedded(prof.tasks):
         raise ParameterError(f"profile {prof.name!r} evaluates hub tasks, whose splits mergebench does not choose; "
                              "--tune needs the embedded tasks (their validation split)")

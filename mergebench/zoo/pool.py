@@ -201,6 +201,7 @@ def build(names: list[str] | None = None, base: Path | None = None, log=print) -
     from .base import materialize_base
     from .train import train_expert
 
+    todo = [expert_spec(n) for n in names] if names else list(EXPERTS)  # unknown names: before any loading
     base = Path(base) if base is not None else materialize_base()
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -211,7 +212,6 @@ def build(names: list[str] | None = None, base: Path | None = None, log=print) -
 
     manifest["base"] = {"name": base.name, "manifest_sha256": _sha256(base / BASE_MANIFEST)}
     base_val: dict[str, float] = manifest.setdefault("base_validation", {})
-    todo = [expert_spec(n) for n in names] if names else list(EXPERTS)
     for spec in todo:
         for task in spec.tasks:
             if task not in base_val:

@@ -23,7 +23,8 @@ SPLITS = ("train", "validation", "test")
 TAG = "mergebench_embedded"
 PREFIX = "mb_"
 
-__all__ = ["SPLITS", "TAG", "embedded_dir", "load_split", "task_info", "task_manager", "task_names", "training_text"]
+__all__ = ["SPLITS", "TAG", "embedded_dir", "load_split", "task_info", "task_manager", "task_names", "training_text",
+           "yaml_dir"]
 
 
 def embedded_dir() -> Path:
@@ -103,7 +104,7 @@ def training_text(row: dict, use_solution: bool = False) -> list[tuple[str, str]
 _TMP: dict[tuple[str, str], tempfile.TemporaryDirectory | Path] = {}
 
 
-def _yaml_dir(split: str) -> Path:
+def yaml_dir(split: str) -> Path:
     """A private folder of the task YAML with absolute paths to ``split`` (built once per process).
 
     Every such folder of a process lives in one ``mergebench-tasks-pid<pid>-*`` folder of the
@@ -157,4 +158,4 @@ def task_manager(split: str = "test"):
     """An ``lm_eval.tasks.TaskManager`` holding only the embedded tasks, reading ``split``."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(_yaml_dir(split)), include_defaults=False)
+    return TaskManager(include_path=str(yaml_dir(split)), include_defaults=False)
