@@ -127,6 +127,10 @@ def pareto(d: pd.DataFrame, cost: str = "merge_wall_s", title: str = "merge wall
 
 def layer_curve(d: pd.DataFrame) -> alt.Chart:
     """A diagnostic metric vs layer index, one line per model."""
+    models = d["model"].nunique() if len(d) else 0
+    # every model in the legend: two columns once they outnumber what one column shows at this height
+    legend = alt.Legend(title="model", symbolOpacity=1, labelLimit=220, columns=2 if models > 12 else 1)
     return alt.Chart(d).mark_line(point=True).encode(
         x=alt.X("layer_index:Q", title="layer"), y=alt.Y("value:Q", scale=alt.Scale(zero=False), title="value"),
-        color="model:N", tooltip=["model", "layer", alt.Tooltip("value:Q", format=".4f")]).properties(height=320)
+        color=alt.Color("model:N", legend=legend),
+        tooltip=["model", "layer", alt.Tooltip("value:Q", format=".4f")]).properties(height=max(320, 22 * models))

@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MERGEBENCH_THREADS", "1")  # eval/sweep in tests: one thread, as below (mergebench.threads)
 
 import json  # noqa: E402
 
