@@ -134,10 +134,9 @@ def _check_output(option: str, path: Path | None, *, folder: bool = False) -> No
         return
     if path.exists() and path.is_dir() != folder:
         _fail(f"{option} {path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
-    anc = path.absolute().parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
+    from .paths import file_above
+
+    if (anc := file_above(path)) is not None:
         _fail(f"{option} {path} lies under {anc}, which is a file, not a folder")
 
 
@@ -391,12 +390,12 @@ def plan_cmd(
     n_docs = sum(plan.n_docs(u.tasks) for u in todo)
     merges = sum(u.role == "merged" for u in todo)
     from .pace import Pace, format_duration, measured_rates
+    from .runner import expected_seconds
     from .threads import resolve_threads
 
     rates = measured_rates([results], plan.pool.name, device, threads=resolve_threads(None))
     pace = Pace(rates)
-    seconds = sum(pace.unit_seconds(plan.n_docs(u.tasks), u.role == "merged", u.unit.method, len(u.members))
-                  for u in todo)
+    seconds = expected_seconds(plan, todo, pace)
     merge_s = sum(pace.merge_seconds(u.unit.method, len(u.members)) for u in todo if u.role == "merged")
     console.print(
         f"{len(todo)} of {len(plan.units)} unit(s) to run: {merges} merge(s), {n_docs} documents; estimate "

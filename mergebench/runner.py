@@ -33,7 +33,7 @@ from .suites import Profile, Suite, TaskSpec, load_suite
 # Besides the command's own entry points, the pieces a sweep (mergebench.sweep) reuses to plan and
 # run the very same units: public, so no other room reaches into this module's private names.
 __all__ = ["EvalPlan", "WorkUnit", "backfill_task_vector_norms", "base_as_expert", "doc_samples", "ensure_zoo",
-           "headline_score", "is_embedded", "load_model", "model_identity", "plan_eval", "run_eval", "run_unit",
+           "expected_seconds", "headline_score", "is_embedded", "load_model", "model_identity", "plan_eval", "run_eval", "run_unit",
            "summarize", "task_manager_for"]
 
 
@@ -399,11 +399,9 @@ def run_eval(
     batch_size = plan.profile.eval.batch_size
     stats = {"run_id": run_id, "units": len(plan.units), "cached": len(plan.units) - len(todo), "done": 0}
     pace = Pace(measured_rates([results_dir], plan.pool.name, device, scorer=scorer))
-    expected = {wu.unit.unit_id: (plan.n_docs(wu.tasks), wu.role == "merged", wu.unit.method, len(wu.members))
-                for wu in todo}
 
     def eta(units) -> str:
-        return format_duration(sum(pace.unit_seconds(*expected[u.unit.unit_id]) for u in units))
+        return format_duration(expected_seconds(plan, units, pace))
 
     if todo:
         log(f"{len(todo)} unit(s) to run, {stats['cached']} stored; expected ~{eta(todo)} "
@@ -439,6 +437,13 @@ def run_eval(
                 f"{prov['unit_wall_s']:.0f} s ({prov['eval_docs_per_s']:.1f} doc/s)  ETA {left}")
             bar.update(task, advance=1, eta=left)
     return stats
+
+
+def expected_seconds(plan: EvalPlan, units: list[WorkUnit], pace) -> float:
+    """Seconds ``units`` of ``plan`` should take at ``pace`` (a :class:`mergebench.pace.Pace`):
+    their documents, their merges (per method and size) and the per-unit overhead."""
+    return sum(pace.unit_seconds(plan.n_docs(u.tasks), u.role == "merged", u.unit.method, len(u.members))
+               for u in units)
 
 
 def _members(members: tuple[str, ...], width: int) -> str:

@@ -29,7 +29,6 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -305,10 +304,3 @@ def measure_matmul_gflops(n: int = 1024, repeats: int = 5, dtype=torch.float32, 
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
-
-
-def unique_tokens(requests: Sequence[tuple]) -> int:
-    """Tokens fed by a prefix-sharing scorer for ``(_, context, continuation)`` requests: every
-    distinct context once plus each continuation's fed tokens (no truncation assumed)."""
-    contexts = {tuple(ctx) for _, ctx, _ in requests}
-    return sum(map(len, contexts)) + sum(len(cont) - 1 for _, _, cont in requests)

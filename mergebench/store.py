@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 
 from .errors import MergebenchError
 from .memory import peak_rss_bytes, reset_peak_rss
+from .paths import file_above
 
 SCHEMA_VERSION = "1"
 DEFAULT_RESULTS_DIR = Path("results")
@@ -128,11 +129,11 @@ def check_results_dir(path: str | os.PathLike, *, writable: bool = True) -> Path
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ResultsDirError(f"--results {p} is a file, not a results folder")
-    anc = p.absolute()
+    if (above := file_above(p)) is not None:
+        raise ResultsDirError(f"--results {p} lies under {above}, which is a file, not a folder")
+    anc = p.absolute()  # the folder that exists, where the store's folders will be created
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
-    if not anc.is_dir():
-        raise ResultsDirError(f"--results {p} lies under {anc}, which is a file, not a folder")
     if writable and not os.access(anc, os.W_OK | os.X_OK):
         raise ResultsDirError(f"--results {p}: {anc} is not writable")
     return p

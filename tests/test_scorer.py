@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mergebench.evaluate import Battery
-from mergebench.scorer import PrefixSharingLM, floor_seconds, unique_tokens
+from mergebench.scorer import PrefixSharingLM, floor_seconds
 from mergebench.zoo.tasks import task_manager, task_names
 
 DOCS = 6
@@ -181,9 +181,7 @@ def test_battery_reuses_its_requests_for_every_model(tiny, tiny_pool):
     assert [s.value for s in second] == [s.value for s in fresh]  # reuse == a fresh build
 
 
-def test_compute_floor_helpers():
-    reqs = [(None, [1, 2, 3], [4]), (None, [1, 2, 3], [5, 6]), (None, [7], [8])]
-    assert unique_tokens(reqs) == 3 + 1 + 0 + 1 + 0  # contexts once, continuations' fed tokens
+def test_compute_floor_helper():
     assert floor_seconds(1000, 10**8, 100.0) == pytest.approx(2.0)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MergebenchError
+from ..paths import file_above
 from .checkpoint import DTYPE_NAMES
 
 __all__ = ["OutputPathError", "OutputWriteError", "ShardedWriter", "check_destination"]
@@ -46,9 +47,8 @@ def check_destination(dest: Path, overwrite: bool) -> None:
     """Refuse an unusable destination (checked before merging): an existing file, a path
     under a file, or an existing non-empty folder unless ``overwrite``."""
     dest = Path(dest)
-    for parent in dest.parents:
-        if parent.exists() and not parent.is_dir():
-            raise OutputPathError(f"output path {dest} lies under {parent}, which is a file, not a folder")
+    if (parent := file_above(dest)) is not None:
+        raise OutputPathError(f"output path {dest} lies under {parent}, which is a file, not a folder")
     if dest.exists() and not dest.is_dir():
         raise OutputPathError(f"output path {dest} exists and is not a folder")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
