@@ -18,26 +18,7 @@ from .errors import MergebenchError
 
 DEBUG_ENV = "MERGEBENCH_DEBUG"
 
-# Library code outside the CLI that still raises a builtin exception for a user mistake: the
-# exception type and the modules whose own ``raise`` it must be for it to be reported as one
-# line. Anything else that is not a MergebenchError is a bug and keeps its traceback.
-_USER_ERRORS_RAISED_IN: tuple[tuple[type[BaseException], tuple[str, ...]], ...] = (
-    # sweep: --executor / --address / --methods, Ray missing, unit resources
-    ((ValueError, ImportError), ("mergebench.sweep.command", "mergebench.sweep.executors")),
-    # diagnose --kinds / --layer(s); stats on a store without merged results
-    (ValueError, ("mergebench.diagnostics", "mergebench.diagnostics.activations", "mergebench.diagnostics.failure")),
-    # embedded task data or the base model's wheel not installed
-    (FileNotFoundError, ("mergebench.zoo.tasks", "mergebench.zoo.base")),
-)
 _USER_INPUT_MODELS = ("MergeRequest",)  # pydantic models built from command-line flags
-
-
-def _raised_in(exc: BaseException) -> str | None:
-    """The module whose frame raised ``exc`` (the innermost one of its traceback)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_globals.get("__name__") if tb is not None else None
 
 
 def _user_error_message(exc: BaseException) -> str | None:
@@ -50,8 +31,6 @@ def _user_error_message(exc: BaseException) -> str | None:
         from .pools import validation_summary
 
         msg = validation_summary(exc)
-    elif any(isinstance(exc, types) and _raised_in(exc) in modules for types, modules in _USER_ERRORS_RAISED_IN):
-        msg = str(exc)
     else:
         return None
     notes = getattr(exc, "__notes__", None)  # e.g. which tensor a merge was on

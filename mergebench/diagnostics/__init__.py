@@ -24,11 +24,13 @@ from .activations import (
     collect_hidden_states,
     tokenize_probes,
 )
+from .errors import DiagnosticsError
 from .representations import hidden_distance_matrix, hidden_sim, merging_difficulty, representation_rows
 from .stats import AnovaResult, PearsonResult, anova_by_factor, anova_oneway, correlate, merging_loss, pearson, stats_rows
 from .weights import DEFAULT_ZERO_TOL, WeightDiagnostics, block_key, task_vector_norm, weight_diagnostics
 
 __all__ = [
+    "DiagnosticsError",
     "ACTIVATION_METRICS", "DEFAULT_ZERO_TOL", "AnovaResult", "PearsonResult", "WeightDiagnostics",
     "activation_diagnostics", "activation_metrics", "activation_rows", "anova_by_factor", "anova_oneway",
     "block_key", "collect_hidden_states", "correlate", "hidden_distance_matrix", "hidden_sim", "merging_difficulty",
@@ -110,23 +112,23 @@ def diagnose(
 
     unknown = set(kinds) - {"weights", "representations", "activations"}
     if unknown:
-        raise ValueError(f"unknown diagnostic kind(s) {sorted(unknown)}")
+        raise DiagnosticsError(f"unknown diagnostic kind(s) {sorted(unknown)}")
     if not kinds:
-        raise ValueError("--kinds names no diagnostic kind: give some of weights,representations,activations")
+        raise DiagnosticsError("--kinds names no diagnostic kind: give some of weights,representations,activations")
     if "representations" in kinds and len(experts) < 2:
-        raise ValueError(f"representation diagnostics compare experts: give at least two (got {', '.join(experts)})")
+        raise DiagnosticsError(f"representation diagnostics compare experts: give at least two (got {', '.join(experts)})")
     if {"representations", "activations"} & set(kinds):  # the layers asked for, before any model is loaded
         from transformers import AutoConfig
 
         n_states = AutoConfig.from_pretrained(base).num_hidden_layers + 1  # embeddings + one per block
         for bad in [layer, *(activation_layers or [])]:
             if not -n_states <= bad < n_states:
-                raise ValueError(f"layer {bad} is out of range: {base} returns {n_states} hidden states "
+                raise DiagnosticsError(f"layer {bad} is out of range: {base} returns {n_states} hidden states "
                                  f"(layers {-n_states}..{n_states - 1})")
     run_id = run_id or new_run_id()
     models = {"base": base, **experts, **({merged_name: merged} if merged is not None else {})}
     if "base" in experts:
-        raise ValueError("an expert may not be called 'base'")
+        raise DiagnosticsError("an expert may not be called 'base'")
     fps = {}
     for name, path in models.items():
         ck = open_checkpoint(path, name)
@@ -153,7 +155,7 @@ def diagnose(
 
     if {"representations", "activations"} & set(kinds):
         if not probes:
-            raise ValueError("representation / activation diagnostics need probe texts")
+            raise DiagnosticsError("representation / activation diagnostics need probe texts")
         import hashlib
 
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .errors import DiagnosticsError
+
 __all__ = [
     "ACTIVATION_METRICS",
     "activation_diagnostics",
@@ -133,7 +135,7 @@ def collect_hidden_states(
                 for layer in req:
                     k = layer + n if layer < 0 else layer
                     if not 0 <= k < n:
-                        raise ValueError(f"layer {layer} is out of range: the model returns {n} hidden states")
+                        raise DiagnosticsError(f"layer {layer} is out of range: the model returns {n} hidden states")
                     if k not in wanted:
                         wanted.append(k)
             keep = mask.bool()

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import DiagnosticsError
 from .stats import AnovaResult, PearsonResult, anova_by_factor, pearson
 
 __all__ = ["PAIR_METRICS", "FailureStatistics", "failure_statistics", "load_failure_inputs", "pair_table",
@@ -162,7 +163,7 @@ def load_failure_inputs(
         rows = rows[(rows["role"] == "expert") | rows["method"].isin(list(methods))]
     sel = metrics.select_metric(rows, metric)
     if sel[sel["role"] == "merged"].empty:
-        raise ValueError(f"no merged results of suite {s.name!r} (profile {prof.name!r}, pool {p.name!r}) in "
+        raise DiagnosticsError(f"no merged results of suite {s.name!r} (profile {prof.name!r}, pool {p.name!r}) in "
                          f"{results_dir}: run `mergebench eval --suite {s.name} --method ...` first")
     losses = metrics.merging_loss(sel[sel["role"] == "merged"], sel[sel["role"] == "expert"], task_expert)
     diag = read_diagnostics(results_dir, pool=p.name)

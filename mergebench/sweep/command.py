@@ -14,7 +14,7 @@ from rich.table import Table
 from .. import store
 from ..methods import get_method
 from .estimate import estimate, measured_rates
-from .executors import LocalExecutor, RayExecutor, SweepStats, UnitResources, run_sweep
+from .executors import LocalExecutor, RayExecutor, RayMissingError, SweepError, SweepStats, UnitResources, run_sweep
 from .grid import Grid, expand_grid
 from .plan import SweepPlan, plan_sweep
 from .summary import point_scores
@@ -50,13 +50,13 @@ class SweepRequest:
 def _executor(req: SweepRequest, log: Callable[[str], None]):
     if req.executor == "local":
         if req.address:
-            raise ValueError("--address needs --executor ray")
+            raise SweepError("--address needs --executor ray")
         return LocalExecutor()
     if req.executor == "ray":
         if importlib.util.find_spec("ray") is None:
-            raise ImportError("--executor ray needs Ray: pip install 'mergebench[ray]'")
+            raise RayMissingError("--executor ray needs Ray: pip install 'mergebench[ray]'")
         return RayExecutor(req.address, resources=req.resources, max_retries=req.max_retries, log=log)
-    raise ValueError(f"--executor must be local or ray, got {req.executor!r}")
+    raise SweepError(f"--executor must be local or ray, got {req.executor!r}")
 
 
 def _points_table(title: str, sweep: SweepPlan, results: Path) -> Table:
@@ -106,7 +106,7 @@ def execute(req: SweepRequest, console: Console, out: Console) -> int:
     store.check_results_dir(req.results, writable=not req.dry_run)  # before anything is planned or started
     specs = [get_method(m) for m in req.methods]
     if not specs:
-        raise ValueError("--methods names no method")
+        raise SweepError("--methods names no method")
     points = expand_grid(specs, req.grid)
     kw: dict[str, Any] = dict(pool=req.pool, profile=req.profile, params=req.params, values=req.values, seed=req.seed,
                               quick=req.quick, log=log)

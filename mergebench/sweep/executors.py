@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Protocol
 
 from .. import store
+from ..errors import MergebenchError
 from .estimate import measured_rates, unit_memory
 from .plan import Job, SweepPlan
 from .unit import UnitOutcome, run_job
 
-__all__ = ["Executor", "LocalExecutor", "RayExecutor", "SweepStats", "UnitResources", "run_sweep"]
+__all__ = ["Executor", "LocalExecutor", "RayExecutor", "RayMissingError", "SweepError", "SweepStats", "UnitResources",
+           "run_sweep"]
 
 Report = Callable[[Job, "UnitOutcome | None", "str | None"], None]
 
@@ -35,6 +37,14 @@ Report = Callable[[Job, "UnitOutcome | None", "str | None"], None]
 FORWARDED_ENV = ("MERGEBENCH_SUITES", "MERGEBENCH_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE")
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+
+
+class SweepError(MergebenchError, ValueError):
+    """A sweep option that cannot work (executor, address, resources, methods)."""
+
+
+class RayMissingError(MergebenchError, ImportError):
+    """``--executor ray`` (or ``--workers`` > 1) without Ray installed."""
 
 @dataclass(frozen=True)
 class UnitResources:
@@ -47,7 +57,7 @@ class UnitResources:
 
     def __post_init__(self):
         if self.num_cpus <= 0 or self.num_gpus < 0 or (self.memory is not None and self.memory <= 0):
-            raise ValueError(f"unit resources must be positive: {self}")
+            raise SweepError(f"unit resources must be positive: {self}")
 
 
 class Executor(Protocol):
@@ -113,7 +123,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise ImportError("the ray executor needs Ray: pip install 'mergebench[ray]'") from None
+            raise RayMissingError("the ray executor needs Ray: pip install 'mergebench[ray]'") from None
         if ray.is_initialized():
             return False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # mergebench works offline
@@ -145,7 +155,7 @@ class RayExecutor:
             report: Report) -> None:
         res = self.resources
         if device.startswith("cuda") and res.num_gpus <= 0:
-            raise ValueError("--device cuda on Ray needs --gpus-per-unit > 0 (Ray assigns each unit its GPUs)")
+            raise SweepError("--device cuda on Ray needs --gpus-per-unit > 0 (Ray assigns each unit its GPUs)")
         import ray
 
         connected_here = self._connect()

