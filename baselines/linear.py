@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mergebench.methods import InputContract, Param, method
 
-from ._common import weighted_sum, weights_for
+from mergebench.baselines._common import weighted_sum, weights_for
 
 
 @method(

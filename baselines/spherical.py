@@ -30,7 +30,7 @@ import torch
 from mergebench.methods import InputContract, ModuleKind, Param, TensorContext, method
 from mergebench.methods.naming import layer_index
 
-from ._common import weighted_sum, weights_for
+from mergebench.baselines._common import weighted_sum, weights_for
 
 __all__ = ["karcher", "layer_adaptive_slerp", "multislerp", "slerp"]
 

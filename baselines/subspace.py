@@ -24,7 +24,7 @@ import torch
 
 from mergebench.methods import InputContract, ModuleKind, Param, ParameterError, TensorContext, method
 
-from ._common import weights_for
+from mergebench.baselines._common import weights_for
 
 _CITE_TSV = (
     "Gargiulo et al., 2025. Task Singular Vectors: Reducing Task Interference in Model Merging. CVPR. "

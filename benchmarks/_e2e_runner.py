@@ -27,7 +27,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     if tool == "mergebench":
         from mergebench.engine import merge
-        from mergebench.mergekit_config import load_mergekit_yaml
+        from mergebench.engine.mergekit_config import load_mergekit_yaml
 
         t1 = time.perf_counter()
         request = load_mergekit_yaml(config, seed=seed)

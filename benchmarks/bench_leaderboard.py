@@ -25,7 +25,7 @@ TARGET_S = 2.0
 
 
 def make_store(path: Path, rows: int = 1_000_000) -> dict:
-    from leaderboard import synthetic
+    from mergebench.leaderboard import synthetic
 
     return synthetic.bulk_store(path, n_rows=rows)
 

@@ -21,9 +21,9 @@ from conftest import option
 
 @pytest.fixture(scope="module")
 def setup(pytestconfig, device):
-    from mergebench import runner
-    from mergebench.evaluate import Battery
-    from mergebench.scorer import measure_matmul_gflops
+    from mergebench.evaluation import runner
+    from mergebench.evaluation.battery import Battery
+    from mergebench.evaluation.scorer import measure_matmul_gflops
     from mergebench.threads import apply_threads, resolve_threads
 
     threads = apply_threads(resolve_threads(None))
@@ -46,7 +46,7 @@ def setup(pytestconfig, device):
 
 @pytest.mark.parametrize("scorer", ["hflm", "shared"])
 def test_score_battery(benchmark, setup, scorer, bench_results):
-    from mergebench.scorer import floor_seconds
+    from mergebench.evaluation.scorer import floor_seconds
 
     s = setup
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from mergebench.engine import all_finite, merge
 from mergebench.methods import get_method, register
-from mergebench.request import MergeRequest
+from mergebench.engine.request import MergeRequest
 from mergebench.toy import tiny_llama_state, write_checkpoint
 
 SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,

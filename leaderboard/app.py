@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # `streamlit run` puts only leaderboard/ on the path
-    sys.path.insert(0, str(_ROOT))
+import pandas as pd
+import streamlit as st
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-
-from leaderboard import charts, queries  # noqa: E402
-from mergebench import report  # noqa: E402
+from mergebench import report
+from mergebench.leaderboard import charts, queries
 
 PAGES = {"ranking": "Ranking", "scaling": "Scaling curves", "tasks": "Per-task detail",
          "diagnostics": "Diagnostics", "methods": "Method pages", "pareto": "Pareto view"}

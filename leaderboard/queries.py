@@ -13,7 +13,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from mergebench import report, store
+from mergebench import report
+from mergebench.results import store
 
 ENV_RESULTS = "MERGEBENCH_RESULTS"
 

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mergebench import store
+from mergebench.results import store
 
 TASKS = ("mb_capitals", "mb_antonyms", "mb_elements", "mb_analogies")
 EXPERTS = ("capitals", "antonyms", "elements", "analogies", "math", "medical")

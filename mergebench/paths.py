@@ -1,10 +1,22 @@
-"""Small path checks shared by every room that writes (the merge writer, the results store, the CLI)."""
+"""Where the source checkout keeps its data, and the path checks every room that writes shares
+(the merge writer, the results store, the CLI)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["file_above"]
+__all__ = ["CHECKOUT", "SUITES_ENV", "file_above", "suites_root"]
+
+#: The source checkout: ``suites/`` and ``results/`` ship beside the package (an editable install).
+CHECKOUT = Path(__file__).resolve().parents[1]
+SUITES_ENV = "MERGEBENCH_SUITES"
+
+
+def suites_root() -> Path:
+    """``$MERGEBENCH_SUITES``, else ``suites/`` of the source checkout."""
+    env = os.environ.get(SUITES_ENV)
+    return Path(env).expanduser() if env else CHECKOUT / "suites"
 
 
 def file_above(path: str | Path) -> Path | None:

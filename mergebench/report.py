@@ -3,7 +3,7 @@
 The leaderboard (``leaderboard/app.py``) and ``mergebench report`` show the same numbers because
 both call the functions here. Heavy reductions (millions of result rows -> one score per unit)
 run in DuckDB over the Parquet store; only per-unit rows reach pandas, where the seeded bootstrap
-of :mod:`mergebench.metrics` adds confidence and rank intervals.
+of :mod:`mergebench.results.metrics` adds confidence and rank intervals.
 
 A unit's *headline score* is the unweighted mean over tasks of each task's headline metric, as
 the suite's profile declares it (``TaskSpec.metric``); tasks of suites/profiles that are not
@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mergebench import metrics, papers, store
+from mergebench.results import metrics, store
+from mergebench.config import papers
 from mergebench.errors import MergebenchError
 
 #: Bootstrap of the leaderboard and the report: seed and resamples (NumPy ``Generator(PCG64(seed))``,
@@ -82,7 +83,7 @@ def headline_map() -> pd.DataFrame:
     """(suite, profile, task, metric): each task's headline metric in every defined suite profile."""
     rows = []
     try:
-        from mergebench.suites import list_suites
+        from mergebench.config.suites import list_suites
 
         for s in list_suites():
             for pname in s.profiles:
@@ -101,7 +102,7 @@ def loss_profiles() -> set[tuple[str, str]]:
     """(suite, profile) pairs whose headline is the merging loss (the merging-collapse study eq. 1), not the score."""
     out = set()
     try:
-        from mergebench.suites import list_suites
+        from mergebench.config.suites import list_suites
 
         for s in list_suites():
             for pname, prof in s.profiles.items():
@@ -231,12 +232,12 @@ class Filters:
 
 
 _FAMILY = {
-    "baselines.linear": "averaging",
-    "baselines.task_vector": "task vector",
-    "baselines.spherical": "spherical",
-    "baselines.model_stock": "averaging",
-    "baselines.arcee_fusion": "selection",
-    "baselines.subspace": "subspace",
+    "mergebench.baselines.linear": "averaging",
+    "mergebench.baselines.task_vector": "task vector",
+    "mergebench.baselines.spherical": "spherical",
+    "mergebench.baselines.model_stock": "averaging",
+    "mergebench.baselines.arcee_fusion": "selection",
+    "mergebench.baselines.subspace": "subspace",
 }
 
 
@@ -572,7 +573,7 @@ def _paper_config(suite: str, method: str, profile: str | None) -> str | None:
     """JSON of the hyperparameters a suite file records for `method` in the paper's `profile`
     (suite-level params, profile overrides applied); None when the suite cannot be loaded."""
     try:
-        from mergebench.suites import load_suite
+        from mergebench.config.suites import load_suite
 
         s = load_suite(suite)
     except Exception:  # noqa: BLE001 - a store may hold suites this checkout does not define

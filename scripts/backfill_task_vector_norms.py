@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from mergebench import report, runner, store
+from mergebench import report
+from mergebench.evaluation import runner
+from mergebench.results import store
 
 
 def main() -> None:

@@ -10,8 +10,8 @@
 
 import sys
 
-from mergebench import store
-from mergebench.suites import load_suite
+from mergebench.results import store
+from mergebench.config.suites import load_suite
 
 results = sys.argv[1] if len(sys.argv) > 1 else "results"
 prof = load_suite("inthewild").profile("embedded")

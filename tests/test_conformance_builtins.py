@@ -5,7 +5,7 @@ import pytest
 from mergebench.methods import list_methods
 from mergebench.testing import method_checks
 
-CHECKS = [c for m in list_methods() if m.source.startswith("baselines.") for c in method_checks(m)]
+CHECKS = [c for m in list_methods() if m.source.startswith("mergebench.baselines.") for c in method_checks(m)]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[c.name for c in CHECKS])

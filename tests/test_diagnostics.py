@@ -427,7 +427,7 @@ def test_diagnose_end_to_end_on_tiny_pool(tmp_path):
 def test_diagnose_command_on_a_pool_stores_weight_diagnostics(tiny_suites, tmp_path):
     from typer.testing import CliRunner
 
-    from mergebench import store
+    from mergebench.results import store
     from mergebench.cli import app
 
     results = tmp_path / "results"

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from mergebench import store
+from mergebench.results import store
 from mergebench.cli import app
-from mergebench.runner import plan_eval, run_eval
+from mergebench.evaluation.runner import plan_eval, run_eval
 
 pytestmark = pytest.mark.slow
 REPO_RESULTS = Path(__file__).parents[1] / "results"

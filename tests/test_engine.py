@@ -24,7 +24,7 @@ from mergebench.engine import (
 )
 from mergebench.methods import InputContract, MethodSpec, Param, ParameterError, get_method, register
 from mergebench.methods import registry as _registry
-from mergebench.request import MergeRequest
+from mergebench.engine.request import MergeRequest
 from mergebench.toy import make_tiny_pool, tiny_llama_state, write_checkpoint
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"

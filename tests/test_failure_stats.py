@@ -130,9 +130,9 @@ def tiny_glue(tiny_suites):
 def test_stats_command_on_a_real_tiny_run(tiny_glue, tmp_path):
     from typer.testing import CliRunner
 
-    from mergebench import store
+    from mergebench.results import store
     from mergebench.cli import app
-    from mergebench.runner import plan_eval, run_eval
+    from mergebench.evaluation.runner import plan_eval, run_eval
 
     results = tmp_path / "results"
     cli = CliRunner()

@@ -342,12 +342,12 @@ def test_zoo_verify_hashes_every_weight_file(fake_zoo, monkeypatch):
 
 
 def test_a_genuine_bug_keeps_its_traceback(tiny_suites, monkeypatch):
-    import mergebench.runner
+    import mergebench.evaluation.runner
 
     def broken(*args, **kwargs):
         return 1 / 0
 
-    monkeypatch.setattr(mergebench.runner, "plan_eval", broken)
+    monkeypatch.setattr(mergebench.evaluation.runner, "plan_eval", broken)
     res = runner.invoke(app, PLAN)
     assert isinstance(res.exception, ZeroDivisionError) and res.exit_code == 1
     assert "error:" not in res.output
@@ -380,7 +380,7 @@ def test_the_installed_command_prints_one_line_and_debug_a_traceback(tiny_suites
 
 
 def test_the_installed_command_shows_a_bug_with_its_traceback(tiny_suites):
-    code = ("import sys, mergebench.runner as r; r.plan_eval = lambda *a, **k: 1 / 0; "
+    code = ("import sys, mergebench.evaluation.runner as r; r.plan_eval = lambda *a, **k: 1 / 0; "
             "from mergebench.cli import main; sys.argv[0] = 'mergebench'; main()")
     res = _run([sys.executable, "-c", code, *PLAN], {"MERGEBENCH_SUITES": str(tiny_suites)})
     assert res.returncode == 1 and "Traceback" in res.stderr and "ZeroDivisionError" in res.stderr

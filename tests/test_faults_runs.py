@@ -28,7 +28,7 @@ import pytest
 from typer.testing import CliRunner
 
 from _faults import private_tmpfs
-from mergebench import store
+from mergebench.results import store
 from mergebench.cli import app
 
 runner = CliRunner()

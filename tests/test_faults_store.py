@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from mergebench import store
+from mergebench.results import store
 from mergebench.cli import app
 
 REPO_RESULTS = Path(__file__).resolve().parents[1] / "results"

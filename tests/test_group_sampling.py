@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from mergebench import runner, store
+from mergebench.evaluation import runner
+from mergebench.results import store
 from mergebench.methods import ParameterError
-from mergebench.sampling import doc_sample
+from mergebench.config.sampling import doc_sample
 from mergebench.zoo.tasks import task_info
 
 LEAVES = ("mb_capitals", "mb_elements")
@@ -117,7 +118,7 @@ def test_group_run_scores_the_sampled_documents_and_returns_the_aggregate(tiny_s
 def test_group_aggregate_weights_leaves_as_lm_eval_says(group_tm, tiny_pool, group, weighted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergebench.evaluate import evaluate_model
+    from mergebench.evaluation.battery import evaluate_model
 
     base, _ = tiny_pool
     model, tok = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
@@ -153,7 +154,7 @@ def test_what_cannot_work_is_refused_by_name(tiny_suites, group_tm, tiny_pool):
         _plan(_suite(tiny_suites, "bad", [{"name": "mergebench_general"}]))
     with pytest.raises(ParameterError, match="'mb_capitals' is scored by both 'tinygroup' and 'mb_capitals'"):
         _plan(_suite(tiny_suites, "bad", [{"name": "tinygroup"}, {"name": "mb_capitals", "docs": 7}]))
-    from mergebench.evaluate import evaluate_model
+    from mergebench.evaluation.battery import evaluate_model
 
     with pytest.raises(ValueError, match="samples for group\\(s\\) tinygroup"):
         evaluate_model(None, None, ["tinygroup"], group_tm, samples={"tinygroup": [0]})

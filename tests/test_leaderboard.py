@@ -16,8 +16,9 @@ sys.path.insert(0, str(ROOT))
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from leaderboard import synthetic  # noqa: E402
-from mergebench import report, store  # noqa: E402
+from mergebench.leaderboard import synthetic  # noqa: E402
+from mergebench import report  # noqa: E402
+from mergebench.results import store  # noqa: E402
 
 APP = str(ROOT / "leaderboard" / "app.py")
 PAGES = ["ranking", "scaling", "tasks", "diagnostics", "methods", "pareto"]
@@ -197,7 +198,7 @@ def test_reproduce_command_quotes_values():
 
 
 def test_results_dir_from_args_and_env(monkeypatch):
-    from leaderboard import queries
+    from mergebench.leaderboard import queries
 
     monkeypatch.setenv("MERGEBENCH_RESULTS", "/x/env")
     assert queries.results_dir(["--results", "/x/arg"]) == Path("/x/arg")

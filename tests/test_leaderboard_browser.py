@@ -57,7 +57,7 @@ def store_dir(tmp_path_factory):
     real = os.environ.get("MERGEBENCH_SCREENSHOT_RESULTS")
     if real:
         return Path(real)
-    from leaderboard import synthetic
+    from mergebench.leaderboard import synthetic
 
     d = tmp_path_factory.mktemp("lbb") / "results"
     synthetic.small_store(d, sizes=(2, 3, 4))
@@ -170,7 +170,7 @@ def test_ranking_table_content(server, browser, store_dir):
         assert all(p >= 0 for p in pos) and pos == sorted(pos), (list(rank["method"]), text[:500])
         assert "Reproduced here" in browser.find_element("css selector", "body").text or rank.empty
         return
-    from mergebench import store
+    from mergebench.results import store
 
     want = store.sql("""SELECT method FROM (SELECT unit_id, any_value(method) AS method, avg(value) AS s
                         FROM results WHERE role = 'merged' AND metric = 'acc' GROUP BY unit_id)

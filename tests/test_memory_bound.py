@@ -43,7 +43,7 @@ import torch
 torch.set_num_threads(1)
 from mergebench.engine import merge
 from mergebench.methods import get_method
-from mergebench.request import MergeRequest
+from mergebench.engine.request import MergeRequest
 
 root, headroom = Path(sys.argv[1]), int(sys.argv[2])
 get_method("linear")  # import every plugin before measuring

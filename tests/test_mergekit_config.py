@@ -1,4 +1,4 @@
-"""mergekit-style YAML -> MergeRequest (``mergebench.mergekit_config``)."""
+"""mergekit-style YAML -> MergeRequest (``mergebench.engine.mergekit_config``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from mergebench.mergekit_config import (
+from mergebench.engine.mergekit_config import (
     MERGEKIT_METHODS,
     MergekitConfigError,
     load_mergekit_yaml,

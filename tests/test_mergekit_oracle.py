@@ -40,7 +40,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import (  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from mergebench.engine import merge, tensor_seed  # noqa: E402
-from mergebench.request import MergeRequest  # noqa: E402
+from mergebench.engine.request import MergeRequest  # noqa: E402
 from mergebench.toy import make_tiny_pool, tiny_llama_state, write_checkpoint  # noqa: E402
 
 W = [1.0, 0.5, 0.3]  # deliberately unequal weights
@@ -312,7 +312,7 @@ def test_della_ranks_along_different_axes_on_3d_tensors(monkeypatch):
     """DELLA's magnitude ranks: mergekit ranks along dim 1 (per (i, :, k) fibre of a 3-D
     tensor); mergebench within each first-axis slice (all other axes flattened). Identical
     for 1-D and 2-D tensors (every LLM weight), different for 3-D ones (documented)."""
-    from baselines._sparsify import della_keep_probs
+    from mergebench.baselines._sparsify import della_keep_probs
 
     seen = []
 
@@ -724,7 +724,7 @@ def _run_yaml(pool, tmp_path, text: str):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from mergebench.mergekit_config import load_mergekit_yaml
+    from mergebench.engine.mergekit_config import load_mergekit_yaml
 
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(textwrap.dedent(text).format(**{k: p for k, p in pool.paths.items()}))

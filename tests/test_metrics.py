@@ -1,4 +1,4 @@
-"""mergebench.metrics against hand-computed cases, float64 references and the seeds' own numbers."""
+"""mergebench.results.metrics against hand-computed cases, float64 references and the seeds' own numbers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mergebench import metrics, store
-from mergebench.store import Unit
+from mergebench.results import metrics, store
+from mergebench.results.store import Unit
 
 PAPER = Path(__file__).resolve().parents[1] / "results" / "paper"
 

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-import baselines.arcee_fusion as arcee_module
-import baselines.model_stock as ms_module
+import mergebench.baselines.arcee_fusion as arcee_module
+import mergebench.baselines.model_stock as ms_module
 from mergebench.methods import ModuleKind, TensorContext, get_method
 from mergebench.testing import method_checks, run_kernel
 

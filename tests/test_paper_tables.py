@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mergebench import store
+from mergebench.results import store
 
 PAPER = Path(__file__).resolve().parents[1] / "results" / "paper"
 REQUIRED = (

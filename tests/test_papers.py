@@ -8,12 +8,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mergebench import papers
+from mergebench.config import papers
 from mergebench.cli import app
 from mergebench.errors import MergebenchError
 from mergebench.methods import list_methods
-from mergebench.pools import load_pool, pool_names
-from mergebench.suites import list_suites, load_suite
+from mergebench.config.pools import load_pool, pool_names
+from mergebench.config.suites import list_suites, load_suite
 
 runner = CliRunner()
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
@@ -165,7 +165,7 @@ def test_suite_with_unknown_paper_is_one_line_naming_the_file(tmp_path, line, wh
 
 
 def test_every_builtin_method_names_a_known_paper():
-    builtins = [s for s in list_methods() if s.source.startswith("baselines")]
+    builtins = [s for s in list_methods() if s.source.startswith("mergebench.baselines.")]
     assert len(builtins) >= 20
     for s in builtins:
         assert s.paper in papers.PAPERS, s.name

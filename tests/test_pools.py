@@ -1,4 +1,4 @@
-"""Pools (mergebench.pools, suites/pools/*.yaml): the files load, every Hugging Face id is the
+"""Pools (mergebench.config.pools, suites/pools/*.yaml): the files load, every Hugging Face id is the
 seed's own (checked against the seed text), placeholders, the embedded pool's manifest, and the
 header-only compatibility check (tiny random checkpoints) with its offline missing-model report."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import mergebench.zoo
-from mergebench.pools import (
+from mergebench.config.pools import (
     ConfigError,
     MissingModelsError,
     PlaceholderError,

@@ -17,8 +17,8 @@ SEED_METHODS = {
 
 def test_builtins_come_through_the_plugin_entry_point_group():
     groups = {ep.value for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
-    assert "baselines.linear" in groups
-    builtins = {m.name for m in list_methods() if m.source.startswith("baselines.")}
+    assert "mergebench.baselines.linear" in groups
+    builtins = {m.name for m in list_methods() if m.source.startswith("mergebench.baselines.")}
     missing = SEED_METHODS - builtins
     assert not missing, f"seed methods not registered: {sorted(missing)}"
 
@@ -67,5 +67,5 @@ def test_readme_lists_every_builtin_method():
     from pathlib import Path
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    missing = [m.name for m in list_methods() if m.source.startswith("baselines.") and f"`{m.name}`" not in readme]
+    missing = [m.name for m in list_methods() if m.source.startswith("mergebench.baselines.") and f"`{m.name}`" not in readme]
     assert not missing, f"README does not mention {missing}"

@@ -27,8 +27,9 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from leaderboard import charts, synthetic  # noqa: E402
-from mergebench import metrics, report, store  # noqa: E402
+from mergebench.leaderboard import charts, synthetic  # noqa: E402
+from mergebench.results import metrics, store  # noqa: E402
+from mergebench import report  # noqa: E402
 from mergebench.cli import app as cli  # noqa: E402
 
 APP = str(ROOT / "leaderboard" / "app.py")

@@ -4,8 +4,8 @@ planning, paired subsets, content-keyed caching, resume without loss or duplicat
 
 import pytest
 
-from mergebench import store
-from mergebench.runner import plan_eval, run_eval, summarize
+from mergebench.results import store
+from mergebench.evaluation.runner import plan_eval, run_eval, summarize
 
 
 def _rows(results):
@@ -33,7 +33,7 @@ def test_bad_parameters_fail_before_any_work(tiny_suites, tmp_path):
 
 
 def test_run_resume_and_summary(tiny_suites, tmp_path, monkeypatch):
-    from mergebench import runner
+    from mergebench.evaluation import runner
 
     results = tmp_path / "results"
     plan = plan_eval("linear", "tiny", log=lambda m: None)
@@ -85,7 +85,8 @@ def test_task_vector_norms_are_recorded_and_backfilled(tiny_suites, tiny_pool, t
     import numpy as np
     import pyarrow.parquet as pq
 
-    from mergebench import report, runner
+    from mergebench import report
+    from mergebench.evaluation import runner
 
     base_dir, expert_dirs = tiny_pool
     base = _weights(base_dir)

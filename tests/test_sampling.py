@@ -1,4 +1,4 @@
-"""The shared subset and document sampler (mergebench.sampling): determinism, independence from
+"""The shared subset and document sampler (mergebench.config.sampling): determinism, independence from
 anything but its arguments, counts, uniformity, progressive nesting and document-budget nesting."""
 
 import hashlib
@@ -13,7 +13,7 @@ from math import comb
 import pytest
 import torch
 
-from mergebench.sampling import (
+from mergebench.config.sampling import (
     SAMPLER_VERSION,
     SamplingError,
     doc_order,
@@ -94,7 +94,7 @@ def test_draws_ignore_global_rngs_and_leave_them_untouched():
 
 def test_same_subsets_in_another_process_with_another_hash_seed():
     code = (
-        "import json; from mergebench.sampling import uniform_subsets, progressive_subsets, doc_sample;"
+        "import json; from mergebench.config.sampling import uniform_subsets, progressive_subsets, doc_sample;"
         f"e={EXPERTS!r};"
         "u=[s.members for s in uniform_subsets(e,[2,4,6],15,seed=5)];"
         "p=[s.members for s in progressive_subsets(e,[2,4,8],2,seed=5)];"

@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-from mergebench.evaluate import Battery
-from mergebench.scorer import PrefixSharingLM, floor_seconds
+from mergebench.evaluation.battery import Battery
+from mergebench.evaluation.scorer import PrefixSharingLM, floor_seconds
 from mergebench.zoo.tasks import task_manager, task_names
 
 DOCS = 6

@@ -301,7 +301,7 @@ def ref_mean_layer_angle(m1, m2):
 
 @pytest.mark.parametrize("noise, triggers", [(0.1, False), (3.0, True)])
 def test_layer_adaptive_guardrail(noise, triggers):
-    from baselines.spherical import mean_layer_angle
+    from mergebench.baselines.spherical import mean_layer_angle
 
     n_layers = 3
     m1, m2 = model_pair(n_layers, noise, seed=20)

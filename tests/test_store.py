@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mergebench import store
-from mergebench.store import Unit
+from mergebench.results import store
+from mergebench.results.store import Unit
 
 BRIEF_COLUMNS = ["run_id", "unit_id", "source", "suite", "suite_version", "profile", "pool", "base_model", "method",
                  "method_version", "params_json", "seed", "subset", "n", "role", "task", "metric", "value", "stderr",

@@ -19,9 +19,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mergebench import store
+from mergebench.results import store
 from mergebench.errors import MergebenchError
-from mergebench.store import StoreWarning, Unit
+from mergebench.results.store import StoreWarning, Unit
 
 ROWS = [
     {"task": "mb_capitals", "metric": "acc", "value": 0.75, "stderr": 0.04, "n_docs": 120},

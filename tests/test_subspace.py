@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from baselines import subspace
+from mergebench.baselines import subspace
 from mergebench.methods import ModuleKind, ParameterError, TensorContext, get_method
 from mergebench.testing import check_method, run_kernel
 

@@ -1,4 +1,4 @@
-"""Suites (mergebench.suites, suites/*.yaml): files load and validate, tasks / few-shot counts /
+"""Suites (mergebench.config.suites, suites/*.yaml): files load and validate, tasks / few-shot counts /
 hyperparameters / sampler settings match the seed texts, embedded profiles are offline-sized, and
 subsets and documents are the same for every method and nested between profiles."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import mergebench.zoo
-from mergebench.pools import ConfigError, load_pool
-from mergebench.suites import (
+from mergebench.config.pools import ConfigError, load_pool
+from mergebench.config.suites import (
     REPORT_METRICS,
     SuiteError,
     embedded_task_names,
@@ -465,7 +465,7 @@ def test_paper_task_names_exist_in_the_installed_lm_eval():
 
 def test_headqa_is_a_group_that_aggregates_both_languages():
     """lm-eval's `headqa` is a tag without a score; the suite's group reports one (no data needed)."""
-    from mergebench.runner import task_manager_for
+    from mergebench.evaluation.runner import task_manager_for
 
     prof = load_suite("inthewild").profile("paper", pool="inthewild-qwen3-4b")
     tm = task_manager_for(prof)
@@ -480,8 +480,8 @@ def test_every_profile_scores_a_metric_its_tasks_report():
     """Each task's headline metric is one its lm-eval config reports (a task's metric_list or
     lm-eval's defaults, a group's aggregate_metric_list), for every profile of every suite: one
     TaskManager holds the installed lm-eval tasks, suites/lm_eval and the embedded tasks."""
-    from mergebench.runner import task_manager_for
-    from mergebench.suites import check_task_metrics
+    from mergebench.evaluation.runner import task_manager_for
+    from mergebench.config.suites import check_task_metrics
 
     tm = task_manager_for(load_suite("inthewild").profile("paper", pool="inthewild-qwen3-4b"))
     checked = 0
@@ -500,7 +500,7 @@ def test_every_profile_scores_a_metric_its_tasks_report():
 def test_metric_check_reads_defaults_groups_and_leaves_tags_to_the_runner():
     from types import SimpleNamespace as NS
 
-    from mergebench.suites import Profile, check_task_metrics
+    from mergebench.config.suites import Profile, check_task_metrics
 
     def entry(kind, **cfg):
         return NS(kind=NS(name=kind), cfg=cfg)

@@ -11,7 +11,7 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
-from mergebench import store
+from mergebench.results import store
 from mergebench.methods import ParameterError, get_method
 from mergebench.sweep import executors, unit
 from mergebench.sweep.executors import run_sweep
@@ -101,7 +101,7 @@ def test_every_grid_point_is_validated_before_any_work(small, monkeypatch):
 
 
 def test_plan_shares_references_dedups_points_and_equals_eval_units(small):
-    from mergebench.runner import plan_eval
+    from mergebench.evaluation.runner import plan_eval
 
     points = {"linear": [{}], "ties": [{"lambda": "0.5"}, {"lambda": "0.50"}, {"lambda": "1"}]}
     sweep = plan_sweep(small, points, **QUIET)
@@ -214,7 +214,7 @@ def test_interrupted_driver_resumes_without_recomputing_or_duplicating(small, tm
 
 
 def test_a_failing_unit_is_reported_and_the_others_go_on(small, tmp_path, monkeypatch):
-    from mergebench import runner
+    from mergebench.evaluation import runner
 
     sweep = plan_sweep(small, {"linear": [{}]}, **QUIET)
     bad = sweep.jobs[1].unit_id

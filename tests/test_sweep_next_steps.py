@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from mergebench import store
+from mergebench.results import store
 from test_sweep import write_small_suite
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mergebench import store
+from mergebench.results import store
 from mergebench.sweep.executors import RayExecutor, UnitResources, run_sweep
 from mergebench.sweep.plan import plan_sweep
 

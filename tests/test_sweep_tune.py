@@ -9,9 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mergebench import evaluate, runner, store
+from mergebench.evaluation import battery as evaluate, runner
+from mergebench.results import store
 from mergebench.methods import ParameterError
-from mergebench.sampling import doc_sample
+from mergebench.config.sampling import doc_sample
 from mergebench.sweep.grid import trial_points
 from mergebench.sweep.tune import TUNING_DIR, plan_tuning, tune, tuned_variants
 from mergebench.zoo.tasks import task_info

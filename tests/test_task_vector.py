@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from baselines._sparsify import della_keep_probs, keep_count, kth_largest, top_k_mask
+from mergebench.baselines._sparsify import della_keep_probs, keep_count, kth_largest, top_k_mask
 from mergebench.methods import ParameterError, TensorContext, get_method
 from mergebench.testing import method_checks
 

@@ -1,12 +1,12 @@
-"""Thread counts (flag, environment, cores) and the ETA/estimate rates of mergebench.pace."""
+"""Thread counts (flag, environment, cores) and the ETA/estimate rates of mergebench.evaluation.pace."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mergebench import store
-from mergebench.pace import ASSUMED_SECONDS_PER_DOC, Pace, Rates, measured_rates
+from mergebench.results import store
+from mergebench.evaluation.pace import ASSUMED_SECONDS_PER_DOC, Pace, Rates, measured_rates
 from mergebench.threads import ENV, ThreadsError, apply_threads, available_cores, resolve_threads
 
 

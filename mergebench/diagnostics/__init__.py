@@ -107,7 +107,7 @@ def diagnose(
     import torch
 
     from ..engine.checkpoint import open_checkpoint
-    from ..store import new_run_id
+    from mergebench.results.store import new_run_id
     from .store import DiagUnit, write_diagnostics
 
     unknown = set(kinds) - {"weights", "representations", "activations"}

@@ -62,7 +62,7 @@ def pair_table(losses: pd.DataFrame, diagnostics: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, pairwise merge): the pair's mean merging loss and its diagnostics.
 
     ``losses`` has unit_id, method, n, expert, merging_loss_pct (one row per merged unit and
-    task, :func:`mergebench.metrics.merging_loss`); ``diagnostics`` holds global pairwise rows
+    task, :func:`mergebench.results.metrics.merging_loss`); ``diagnostics`` holds global pairwise rows
     (metric, model, model_b, value) of the experts. Pairs without a diagnostic get NaN there.
     """
     two = losses[losses["n"] == 2]
@@ -142,9 +142,9 @@ def load_failure_inputs(
     The task -> expert map (whose score eq. 1 divides by) comes from the suite profile, as in
     ``mergebench eval``'s summary.
     """
-    from .. import metrics, store
-    from ..pools import load_pool
-    from ..suites import load_suite
+    from mergebench.results import metrics, store
+    from mergebench.config.pools import load_pool
+    from mergebench.config.suites import load_suite
     from .store import read_diagnostics
 
     s = load_suite(suite)

@@ -1,12 +1,12 @@
 """The ``diagnostics`` table of the results store: long-format rows, one Parquet file per unit.
 
-Layout under a results directory (beside ``runs/`` and ``provenance/``, see :mod:`mergebench.store`)::
+Layout under a results directory (beside ``runs/`` and ``provenance/``, see :mod:`mergebench.results.store`)::
 
     diagnostics/pool=<pool>/kind=<kind>/diag-<run_id>-<unit_id>.parquet
 
 A unit is one diagnostic computation (one kind, one pool, one set of models, one method setting,
 one set of diagnostic settings); its id is a content hash (:class:`DiagUnit`), so a repeated run
-finds it done and writes nothing. Files are written with :func:`mergebench.store.atomic_write_table`
+finds it done and writes nothing. Files are written with :func:`mergebench.results.store.atomic_write_table`
 (hidden temp file, then link), exactly like result units: a reader never sees half a file, and a
 damaged file is skipped by every reader with a warning naming it (and moved to ``quarantine/``
 when its unit is stored again). Folder names are for people only; every column lives in the files.
@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
-from ..store import (DEFAULT_RESULTS_DIR, DIAGNOSTICS_SCHEMA, RUN_ID_PATTERN, SCHEMA_VERSION, WriteResult,
+from mergebench.results.store import (DEFAULT_RESULTS_DIR, DIAGNOSTICS_SCHEMA, RUN_ID_PATTERN, SCHEMA_VERSION, WriteResult,
                      atomic_write_table, canonical_json, conform_table, glob_health, quarantine_files, read_sound,
                      rows_table, scan_files, warn_store)
 
@@ -96,7 +96,7 @@ def write_diagnostics(
     results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR,
 ) -> WriteResult:
     """Store one unit's rows (kind, metric, value[, model, model_b, layer, scope, task, std, point, n])
-    atomically; idempotent like :func:`mergebench.store.write_unit` (same race resolution)."""
+    atomically; idempotent like :func:`mergebench.results.store.write_unit` (same race resolution)."""
     if not RUN_ID_PATTERN.match(run_id):
         raise ValueError(f"run_id {run_id!r} must match {RUN_ID_PATTERN.pattern}")
     results_dir = Path(results_dir)

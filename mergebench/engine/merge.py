@@ -32,7 +32,7 @@ from ..methods import (
     tensor_seed,
 )
 from ..memory import peak_rss_bytes, reset_peak_rss
-from ..request import MergeRequest
+from mergebench.engine.request import MergeRequest
 from .checkpoint import Checkpoint, open_checkpoint
 from .compat import MergePlan, Source, TensorPlan, plan_merge
 from .device import resolve_device

@@ -318,7 +318,7 @@ class MethodSpec:
     wrapper validating the wrapped method's parameters); returns the (possibly completed)
     parameters or raises :class:`ParameterError`."""
     paper: str | None = None
-    """Key of the method's own paper in the paper registry (``mergebench.papers``); ``citation``
+    """Key of the method's own paper in the paper registry (``mergebench.config.papers``); ``citation``
     stays the free-text form (a plugin may give only that, or a ``reference_url``)."""
     related_papers: tuple[str, ...] = ()
     """Registry keys of papers the method follows besides its own (the form it is written in, a
@@ -328,7 +328,7 @@ class MethodSpec:
 
     def __post_init__(self):
         if self.paper is not None or self.related_papers:
-            from ..papers import get_paper
+            from mergebench.config.papers import get_paper
 
             for key in (self.paper, *self.related_papers):
                 if key is not None:
@@ -336,7 +336,7 @@ class MethodSpec:
 
     def paper_info(self) -> dict[str, Any] | None:
         """The registry entry of :attr:`paper` (title, authors, year, venue, arXiv, URL), or None."""
-        from ..papers import get_paper
+        from mergebench.config.papers import get_paper
 
         return get_paper(self.paper).describe() if self.paper else None
 
@@ -374,7 +374,7 @@ class MethodSpec:
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (``mergebench methods --json``), with the registry entries of
         the method's papers."""
-        from ..papers import get_paper
+        from mergebench.config.papers import get_paper
 
         c = self.contract
         return {

@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .. import store
+from mergebench.results import store
 from ..methods import get_method
 from .estimate import estimate, measured_rates
 from .executors import LocalExecutor, RayExecutor, RayMissingError, SweepError, SweepStats, UnitResources, run_sweep

@@ -1,7 +1,7 @@
 """What a sweep will cost before it starts (``mergebench sweep --dry-run``), and how much memory a
 unit should reserve on Ray.
 
-Seconds per evaluated document and per merge come from :mod:`mergebench.pace` (the provenance
+Seconds per evaluated document and per merge come from :mod:`mergebench.evaluation.pace` (the provenance
 of units already stored for the same pool, this CPU first; assumed only without any).
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..pace import ASSUMED_SECONDS_PER_DOC, ASSUMED_SECONDS_PER_MERGE, Rates, format_duration, measured_rates
+from mergebench.evaluation.pace import ASSUMED_SECONDS_PER_DOC, ASSUMED_SECONDS_PER_MERGE, Rates, format_duration, measured_rates
 from .plan import Job, SweepPlan
 
 __all__ = ["ASSUMED_SECONDS_PER_DOC", "ASSUMED_SECONDS_PER_MERGE", "CostEstimate", "Rates", "estimate",

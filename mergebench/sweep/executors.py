@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .. import store
+from mergebench.results import store
 from ..errors import MergebenchError
 from .estimate import measured_rates, unit_memory
 from .plan import Job, SweepPlan

@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 
 from ..methods import MethodSpec, ParameterError
-from ..sampling import seeded_permutation
+from mergebench.config.sampling import seeded_permutation
 
 __all__ = ["Grid", "Point", "expand_grid", "parse_grid", "split_values", "trial_points"]
 

@@ -1,6 +1,6 @@
 """Sweep planning: methods x grid points x the suite's subsets -> a deduplicated list of jobs.
 
-Every (method, grid point) is planned by :func:`mergebench.runner.plan_eval`, the same code
+Every (method, grid point) is planned by :func:`mergebench.evaluation.runner.plan_eval`, the same code
 ``mergebench eval`` uses, so a sweep unit and an eval unit with the same settings have the same
 content hash and share their stored rows. Before that (and before any model is touched), every
 point of every method is validated for every merge size the profile uses; an error names the
@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import runner, store
+from mergebench.evaluation import runner
+from mergebench.results import store
 from ..methods import ParameterError, get_method
-from ..pools import Pool, load_pool
-from ..runner import EvalPlan, WorkUnit, plan_eval
-from ..suites import Profile, SuiteError, load_suite
+from mergebench.config.pools import Pool, load_pool
+from mergebench.evaluation.runner import EvalPlan, WorkUnit, plan_eval
+from mergebench.config.suites import Profile, SuiteError, load_suite
 from .grid import Point
 
 __all__ = ["Job", "SweepPlan", "plan_sweep", "validate_points", "with_split"]

@@ -7,7 +7,7 @@ import warnings
 
 import pandas as pd
 
-from .. import metrics, store
+from mergebench.results import metrics, store
 from .plan import SweepPlan
 
 __all__ = ["point_scores"]

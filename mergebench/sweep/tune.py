@@ -24,7 +24,8 @@ from typing import Any
 
 import pandas as pd
 
-from .. import runner, store
+from mergebench.evaluation import runner
+from mergebench.results import store
 from ..methods import ParameterError
 from .executors import Executor, SweepStats, run_sweep
 from .grid import Point, trial_points

@@ -4,7 +4,7 @@
 idempotent: it returns at once when the unit's rows are already stored, and it writes with
 ``store.write_unit(..., exclusive=True)``, whose file is named by the unit's content hash alone,
 so a retried attempt, a duplicated task or a second sweep racing on the same unit can never store
-its rows twice; and it computes a unit only under its :func:`mergebench.store.claim_unit`, so a
+its rows twice; and it computes a unit only under its :func:`mergebench.results.store.claim_unit`, so a
 unit that another live process is computing is skipped (reported) instead of computed twice. It
 runs in the driver (local executor) or in a Ray worker on any node.
 
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .. import metrics, runner, store
-from ..runner import EvalPlan, WorkUnit
+from mergebench.results import metrics, store
+from mergebench.evaluation import runner
+from mergebench.evaluation.runner import EvalPlan, WorkUnit
 from .plan import task_manager
 
 __all__ = ["UnitOutcome", "node_plan", "run_job"]
@@ -71,7 +72,7 @@ def _node_lock():
 
 def _node_paths(plan: EvalPlan) -> dict[str, str]:
     """This node's folders of the plan's models (materializing the embedded pool once per node)."""
-    from ..pools import validate_pool_compatibility
+    from mergebench.config.pools import validate_pool_compatibility
 
     key = (plan.pool.name, tuple(sorted(plan.identities.items())))
     if key not in _NODE_PATHS:
@@ -155,5 +156,5 @@ def _compute(plan: EvalPlan, wu: WorkUnit, provenance: Mapping[str, Any], *, dev
         rows, prov = runner.run_unit(plan, wu, device=device, batch_size=plan.profile.eval.batch_size,
                                       quiet=True)
     frame = metrics.add_normalized(pd.DataFrame(rows))
-    prov["unit_wall_s"] = time.perf_counter() - t0  # what sweep estimates are calibrated on (mergebench.pace)
+    prov["unit_wall_s"] = time.perf_counter() - t0  # what sweep estimates are calibrated on (mergebench.evaluation.pace)
     return frame, {**dict(_environment(device)), **prov, "host": host, "pid": pid, **dict(provenance)}

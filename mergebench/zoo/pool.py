@@ -405,7 +405,7 @@ def materialize(
     sha256 of every file); a damaged one is an error, or rebuilt with ``force``.
     transformers' own loading/saving progress bars are hidden (``log`` reports each model).
     """
-    from ..evaluate import quiet_progress_bars
+    from mergebench.evaluation.battery import quiet_progress_bars
     from .base import MANIFEST as BASE_MANIFEST
     from .base import default_cache_dir, materialize_base
 
@@ -466,8 +466,8 @@ def verify(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..evaluate import evaluate_model
-    from ..sampling import doc_sample, samples_argument
+    from mergebench.evaluation.battery import evaluate_model
+    from mergebench.config.sampling import doc_sample, samples_argument
     from . import tasks as embedded
 
     paths = materialize(cache_dir, names, log=log, full_check=True)  # every weight file by sha256

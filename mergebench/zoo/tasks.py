@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import MergebenchError
+from ..paths import suites_root
 
 SPLITS = ("train", "validation", "test")
 TAG = "mergebench_embedded"
@@ -39,9 +40,7 @@ __all__ = ["SPLITS", "TAG", "EmbeddedDataError", "SplitError", "embedded_dir", "
 
 def embedded_dir() -> Path:
     """``$MERGEBENCH_SUITES/embedded``, else ``suites/embedded`` of the source checkout."""
-    env = os.environ.get("MERGEBENCH_SUITES")
-    root = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "suites"
-    path = root / "embedded"
+    path = suites_root() / "embedded"
     if not (path / "data" / "MANIFEST.json").is_file():
         raise EmbeddedDataError(
             f"embedded task data not found under {path}; set MERGEBENCH_SUITES to the folder holding embedded/"

@@ -5,11 +5,11 @@ The flow (nothing expensive before everything cheap has been checked):
 1. resolve suite, profile, pool and method; validate the method's parameters for every
    merge size; check that every model is on this machine and the pool is mergeable (headers);
 2. plan units of work: one per reference model (base, each expert) and one per merged
-   subset, each keyed by content (:class:`mergebench.store.Unit`), so an interrupted run
+   subset, each keyed by content (:class:`mergebench.results.store.Unit`), so an interrupted run
    resumes where it stopped and a reference evaluated once is reused by every method;
 3. run the units not yet in the store: merge in memory with the engine, evaluate the
    in-memory model with lm-eval on seeded document indices, write the rows atomically;
-4. summarize from the stored rows (:mod:`mergebench.metrics`).
+4. summarize from the stored rows (:mod:`mergebench.results.metrics`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import metrics, store
-from .methods import MethodSpec, ParameterError, get_method
-from .pools import Pool, load_pool, validate_pool_compatibility
-from .sampling import DocSample, Subset, samples_argument
-from .suites import Profile, Suite, TaskSpec, load_suite
+from mergebench.results import metrics, store
+from mergebench.methods import MethodSpec, ParameterError, get_method
+from mergebench.config.pools import Pool, load_pool, validate_pool_compatibility
+from mergebench.config.sampling import DocSample, Subset, samples_argument
+from mergebench.config.suites import Profile, Suite, TaskSpec, load_suite
 
 # Besides the command's own entry points, the pieces a sweep (mergebench.sweep) reuses to plan and
 # run the very same units: public, so no other room reaches into this module's private names.
@@ -71,11 +71,11 @@ class EvalPlan:
     batteries: dict[tuple[str, ...], Any] = field(default_factory=dict, repr=False)
 
     def battery(self, tasks: list[TaskSpec]):
-        """The :class:`mergebench.evaluate.Battery` of ``tasks``: built for the first unit that
+        """The :class:`mergebench.evaluation.battery.Battery` of ``tasks``: built for the first unit that
         scores them, then reused by every model of the run (references and merges alike)."""
         key = tuple(t.name for t in tasks)
         if key not in self.batteries:
-            from .evaluate import Battery
+            from mergebench.evaluation.battery import Battery
 
             self.batteries[key] = Battery(
                 list(key), self.task_manager, samples=self.samples,
@@ -102,7 +102,7 @@ def is_embedded(tasks: list[TaskSpec]) -> bool:
 
 def task_manager_for(profile: Profile):
     """Embedded tasks read their data from suites/ (offline); others come from lm-eval."""
-    from .zoo import tasks as embedded
+    from mergebench.zoo import tasks as embedded
 
     if is_embedded(profile.tasks):
         return embedded.task_manager(profile.docs.split)
@@ -116,7 +116,7 @@ def _task_leaves(profile: Profile, tm) -> dict[str, dict[str, int]]:
     """Per suite task, the number of documents of each lm-eval task it scores: the task itself, or
     every leaf of a group (lm-eval looks ``samples=`` up by leaf task name, never by group)."""
     if is_embedded(profile.tasks):
-        from .zoo.tasks import task_info
+        from mergebench.zoo.tasks import task_info
 
         info = task_info()
         return {t.name: {t.name: info[t.name]["counts"][profile.docs.split]} for t in profile.tasks}
@@ -169,7 +169,7 @@ def model_identity(pool: Pool, name: str, fingerprint: str) -> str:
     across machines), everything else by the checkpoint's content fingerprint."""
     ref = pool.base if name == pool.base.name else pool.expert(name)
     if ref.source == "zoo":
-        from .zoo import pool as zoo_pool
+        from mergebench.zoo import pool as zoo_pool
 
         manifest = zoo_pool.read_manifest()
         entry = manifest["base"] if ref.zoo == "base" else manifest["experts"][ref.zoo]["files"]
@@ -179,7 +179,7 @@ def model_identity(pool: Pool, name: str, fingerprint: str) -> str:
 
 def ensure_zoo(pool: Pool, log: Callable[[str], None]) -> None:
     if any(m.source == "zoo" and m.locate() is None for m in [pool.base, *pool.experts]):
-        from .zoo import pool as zoo_pool
+        from mergebench.zoo import pool as zoo_pool
 
         log("materializing the embedded pool (once per machine) ...")
         zoo_pool.materialize(log=log)
@@ -210,7 +210,7 @@ def plan_eval(
     for n in sorted({len(s.members) + (1 if base_as_expert(spec, s) else 0) for s in subsets}):
         spec.contract.check(spec.name, has_base=True, n_experts=n)
         spec.validate_params(given, n_experts=n)
-    from .suites import check_task_metrics
+    from mergebench.config.suites import check_task_metrics
 
     tm = task_manager_for(prof)
     check_task_metrics(suite_obj, prof, tm)  # an unknown task or metric fails before any model is touched
@@ -293,8 +293,8 @@ def load_model(path: str, dtype: str):
 
 def _merge_unit(plan: EvalPlan, wu: WorkUnit, device: str):
     """The merged model of a ``merged`` work unit, in memory (a MergeResult with ``state_dict``)."""
-    from .engine import merge
-    from .request import MergeRequest
+    from mergebench.engine import merge
+    from mergebench.engine.request import MergeRequest
 
     base_path = plan.paths[plan.pool.base.name]
     experts = [plan.paths[m] for m in wu.members]
@@ -309,7 +309,7 @@ def _merge_unit(plan: EvalPlan, wu: WorkUnit, device: str):
 
 def _norm(plan: EvalPlan, wu: WorkUnit, merged=None) -> float:
     """``task_vector_norm`` of a unit's model: 0 for the base, the expert's or the merge's."""
-    from .diagnostics import task_vector_norm
+    from mergebench.diagnostics import task_vector_norm
 
     if wu.role == "base":
         return 0.0
@@ -320,7 +320,7 @@ def _norm(plan: EvalPlan, wu: WorkUnit, merged=None) -> float:
 def run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool = False,
               scorer: str = "shared") -> tuple[list[dict], dict]:
     """Merge (or load) one unit's model and score it: (result rows, provenance)."""
-    from .evaluate import quiet_progress_bars
+    from mergebench.evaluation.battery import quiet_progress_bars
 
     with quiet_progress_bars() if quiet else contextlib.nullcontext():
         return _score_unit(plan, wu, device=device, batch_size=batch_size, quiet=quiet, scorer=scorer)
@@ -329,7 +329,7 @@ def run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bo
 def _score_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool, scorer: str = "shared"):
     import torch
 
-    from .engine import load_merged_model
+    from mergebench.engine import load_merged_model
 
     prov: dict[str, Any] = {}
     prof = plan.profile
@@ -359,7 +359,7 @@ def _score_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet:
 
 def _check_finite(model, what: str) -> None:
     """An evaluated model with NaN/inf weights scores chance silently: refuse it, naming the tensor."""
-    from .engine import NonFiniteInputError, all_finite
+    from mergebench.engine import NonFiniteInputError, all_finite
 
     for name, t in model.state_dict().items():
         if not all_finite(t):
@@ -381,14 +381,14 @@ def run_eval(
 
     ``threads``: torch's CPU threads (default :func:`mergebench.threads.resolve_threads`).
     Each finished unit logs one line with its score, time and the run's ETA (from
-    :class:`mergebench.pace.Pace`: this machine's stored rates, then this run's own), so the
+    :class:`mergebench.evaluation.pace.Pace`: this machine's stored rates, then this run's own), so the
     progress reads the same in a terminal and in a log file."""
     import pandas as pd
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .pace import Pace, format_duration, measured_rates
-    from .threads import apply_threads, resolve_threads
+    from mergebench.evaluation.pace import Pace, format_duration, measured_rates
+    from mergebench.threads import apply_threads, resolve_threads
 
     results_dir = Path(results_dir)
     store.check_results_dir(results_dir)  # a file, or a folder under one: before any unit is computed
@@ -440,7 +440,7 @@ def run_eval(
 
 
 def expected_seconds(plan: EvalPlan, units: list[WorkUnit], pace) -> float:
-    """Seconds ``units`` of ``plan`` should take at ``pace`` (a :class:`mergebench.pace.Pace`):
+    """Seconds ``units`` of ``plan`` should take at ``pace`` (a :class:`mergebench.evaluation.pace.Pace`):
     their documents, their merges (per method and size) and the per-unit overhead."""
     return sum(pace.unit_seconds(plan.n_docs(u.tasks), u.role == "merged", u.unit.method, len(u.members))
                for u in units)

@@ -1,4 +1,4 @@
-"""Read a mergekit-style merge YAML into a :class:`~mergebench.request.MergeRequest`.
+"""Read a mergekit-style merge YAML into a :class:`~mergebench.engine.request.MergeRequest`.
 
 Supported subset of mergekit's configuration (0.1.5)::
 
@@ -34,10 +34,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import MergebenchError
-from .methods import ParameterError, get_method, list_methods
-from .methods.spec import MethodSpec, Param
-from .request import MergeRequest
+from mergebench.errors import MergebenchError
+from mergebench.methods import ParameterError, get_method, list_methods
+from mergebench.methods.spec import MethodSpec, Param
+from mergebench.engine.request import MergeRequest
 
 __all__ = [
     "MERGEKIT_METHODS",

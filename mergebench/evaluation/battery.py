@@ -49,7 +49,7 @@ class Battery:
     aggregates groups.
 
     ``samples`` maps an lm-eval *leaf* task to the document indices to score (seeded lists from
-    :mod:`mergebench.sampling`): lm-eval looks ``samples`` up by leaf task name only, so a group
+    :mod:`mergebench.config.sampling`): lm-eval looks ``samples`` up by leaf task name only, so a group
     is subsampled through its leaves' entries and still reports its aggregate. Leaves absent
     from it are scored on every document; entries for tasks not evaluated here are ignored, and
     an entry keyed by a group is refused (lm-eval would silently score every document).
@@ -83,7 +83,7 @@ class Battery:
               scorer: str = "shared") -> tuple[list[TaskScore], dict]:
         """Score one model: (one :class:`TaskScore` per task and metric, scoring statistics).
 
-        ``scorer="shared"`` runs :class:`mergebench.scorer.PrefixSharingLM` (each shared context
+        ``scorer="shared"`` runs :class:`mergebench.evaluation.scorer.PrefixSharingLM` (each shared context
         once, output layer only where read); ``"hflm"`` lm-eval's stock ``HFLM``. ``quiet`` hides
         lm-eval's and datasets' progress bars (the caller draws its own)."""
         import lm_eval
@@ -94,7 +94,7 @@ class Battery:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         kwargs = dict(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         if scorer == "shared":
-            from .scorer import PrefixSharingLM
+            from mergebench.evaluation.scorer import PrefixSharingLM
 
             lm = PrefixSharingLM(**kwargs, quiet=quiet)
         else:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import store
+from mergebench.results import store
 
 __all__ = ["ASSUMED_SECONDS_PER_DOC", "ASSUMED_SECONDS_PER_MERGE", "ASSUMED_SECONDS_PER_UNIT", "Pace", "Rates", "format_duration",
            "measured_rates"]

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from math import comb
 from typing import Literal
 
-from .errors import MergebenchError
+from mergebench.errors import MergebenchError
 
 __all__ = [
     "SAMPLER_VERSION",

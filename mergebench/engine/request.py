@@ -1,6 +1,6 @@
 """A merge request: everything `mergebench merge` needs, validated before any tensor is read.
 
-Built from CLI flags, from a mergekit-style YAML (``mergebench.mergekit_config``) or in
+Built from CLI flags, from a mergekit-style YAML (``mergebench.engine.mergekit_config``) or in
 Python; consumed by ``mergebench.engine.merge``.
 """
 

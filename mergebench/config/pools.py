@@ -27,8 +27,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from . import papers
-from .errors import MergebenchError
+from mergebench.config import papers
+from mergebench.errors import MergebenchError
+from mergebench.paths import suites_root
 
 __all__ = [
     "CompatibilityReport",
@@ -54,7 +55,6 @@ __all__ = [
     "zoo_path",
 ]
 
-SUITES_ENV = "MERGEBENCH_SUITES"
 TagValue = str | int | float | bool | list[str]
 
 
@@ -122,12 +122,6 @@ def read_yaml(path: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- locations
-
-
-def suites_root() -> Path:
-    """``$MERGEBENCH_SUITES``, else ``suites/`` of the source checkout (as ``mergebench.zoo.tasks``)."""
-    env = os.environ.get(SUITES_ENV)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "suites"
 
 
 def pools_dir() -> Path:
@@ -275,7 +269,7 @@ class ModelRef(BaseModel):
             return None
         if self.source == "zoo":
             return zoo_path(self.zoo)
-        from .engine.checkpoint import CheckpointError, resolve_model_path
+        from mergebench.engine.checkpoint import CheckpointError, resolve_model_path
 
         try:  # a path, or (for ``path:``) also a hub id that is in the local cache
             return resolve_model_path(self.spec)
@@ -679,8 +673,8 @@ def validate_pool_compatibility(
     :class:`MissingModelsError` (``.missing`` lists every missing model, nothing is opened) or
     :class:`PoolCompatibilityError` (every problem found, by model).
     """
-    from .engine.checkpoint import CheckpointError, open_checkpoint
-    from .engine.compat import CompatibilityError, plan_merge
+    from mergebench.engine.checkpoint import CheckpointError, open_checkpoint
+    from mergebench.engine.compat import CompatibilityError, plan_merge
 
     pool = pool.resolved(values)
     locate = resolve or ModelRef.locate

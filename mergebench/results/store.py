@@ -50,15 +50,15 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import MergebenchError
-from .memory import peak_rss_bytes, reset_peak_rss
-from .paths import file_above
+from mergebench.errors import MergebenchError
+from mergebench.memory import peak_rss_bytes, reset_peak_rss
+from mergebench.paths import CHECKOUT, file_above
 
 SCHEMA_VERSION = "1"
 DEFAULT_RESULTS_DIR = Path("results")
 #: The repository's committed results (paper tables live in ``PAPER_DIR``); useful when a caller's
 #: ``--results`` points elsewhere but the published numbers should still be shown.
-REPO_RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+REPO_RESULTS_DIR = CHECKOUT / "results"
 PAPER_DIR = REPO_RESULTS_DIR / "paper"
 REFERENCE_METHOD_DIR = "_reference"  # folder for base/expert rows, which belong to no method
 
@@ -100,7 +100,7 @@ class StoreWarning(UserWarning):
 
 def warn_store(message: str) -> None:
     # one line (Python's default format adds the source line of a plain warnings.warn)
-    warnings.warn_explicit(message, StoreWarning, filename="mergebench store", lineno=0, module="mergebench.store")
+    warnings.warn_explicit(message, StoreWarning, filename="mergebench store", lineno=0, module="mergebench.results.store")
 
 
 @contextmanager
@@ -836,7 +836,7 @@ def package_version(name: str) -> str | None:
 
 
 def _git_sha() -> str | None:
-    root = Path(__file__).resolve().parents[1]
+    root = CHECKOUT
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
-from .errors import MergebenchError
+from mergebench.errors import MergebenchError
+from mergebench.paths import CHECKOUT
 
 __all__ = ["PAPERS", "Paper", "PaperError", "UnknownPaperError", "get_paper", "load_papers", "paper_for_seed",
            "papers_file"]
@@ -114,13 +115,13 @@ class _File(RootModel[dict[str, _Entry]]):
 
 def papers_file() -> Path:
     """``suites/papers/papers.yaml`` of the source checkout (the registry ships with the code)."""
-    return Path(__file__).resolve().parents[1] / "suites" / "papers" / "papers.yaml"
+    return CHECKOUT / "suites" / "papers" / "papers.yaml"
 
 
 def load_papers(path: Path | str | None = None) -> dict[str, Paper]:
     """Read and validate a registry file; any problem is one :class:`PaperError` line naming the
     file, the paper key and the field."""
-    from .pools import ConfigError, format_validation_error, read_yaml
+    from mergebench.config.pools import ConfigError, format_validation_error, read_yaml
 
     path = Path(path) if path is not None else papers_file()
     try:

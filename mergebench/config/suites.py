@@ -13,7 +13,7 @@ may ``extends:`` another one of the same suite (mappings are merged key by key, 
 is replaced). Method hyperparameters are the ones the paper used, with the section or table they
 come from (``methods.<name>.source``); a profile can override them.
 
-The subsets and documents a profile evaluates come from :mod:`mergebench.sampling`, so they
+The subsets and documents a profile evaluates come from :mod:`mergebench.config.sampling`, so they
 depend only on the pool's expert list and the profile's sampler settings -- never on the method.
 """
 
@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from . import papers, sampling
-from .pools import ConfigError, Pool, read_yaml, suites_root, tag_values, validate_named_file
-from .sampling import DocSample, Subset
+from mergebench.config import papers, sampling
+from mergebench.config.pools import ConfigError, Pool, read_yaml, suites_root, tag_values, validate_named_file
+from mergebench.config.sampling import DocSample, Subset
 
-from .errors import MergebenchError
+from mergebench.errors import MergebenchError
 
 __all__ = [
     "REPORT_METRICS",
@@ -324,7 +324,7 @@ class Profile(BaseModel):
         return names
 
     def subsets(self, pool: Pool) -> list[Subset]:
-        """Every subset to merge, identical for every method (see :mod:`mergebench.sampling`)."""
+        """Every subset to merge, identical for every method (see :mod:`mergebench.config.sampling`)."""
         s = self.sampler
         experts = self.experts(pool)
         try:
@@ -493,7 +493,7 @@ class Suite(BaseModel):
     def check(self, pools: bool = True, methods: bool = False) -> list[str]:
         """Cross-file problems: unknown pools, embedded tasks that do not exist, and (with
         ``methods``) method names or parameters the registry does not know."""
-        from .pools import pool_names
+        from mergebench.config.pools import pool_names
 
         problems = []
         known_pools = set(pool_names()) if pools else set()
@@ -507,7 +507,7 @@ class Suite(BaseModel):
                     for t in prof.tasks if t.name not in embedded
                 ]
         if methods:
-            from .methods.registry import get_method
+            from mergebench.methods.registry import get_method
 
             for key, params in [(k, v.params) for k, v in self.methods.items()] + [
                 (k, v) for p in self.profiles.values() for k, v in p.methods.items()

@@ -1,0 +1,1 @@
+"""Results: the Parquet store with its DuckDB views, and every reported number computed from raw rows."""
