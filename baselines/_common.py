@@ -12,6 +12,18 @@ def weights_for(weights: torch.Tensor, like: torch.Tensor) -> list[float]:
     return [float(w) for w in weights.detach().to("cpu", torch.float64)]
 
 
+def merge_weights(weights: torch.Tensor, like: torch.Tensor, normalize: bool, what: str) -> list[float]:
+    """Per-expert weights as floats, divided by their sum when ``normalize`` (a weighted mean).
+    Request validation already refuses zero-sum weights; this guards direct kernel calls."""
+    w = weights_for(weights, like)
+    if not normalize:
+        return w
+    total = sum(w)
+    if total == 0:
+        raise ValueError(f"{what}: merge weights sum to zero; cannot normalize")
+    return [x / total for x in w]
+
+
 def weighted_sum(tensors: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_i coeffs[i] * tensors[i]`` accumulated in place into one buffer (no stack)."""
     if out is None:

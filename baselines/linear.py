@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from mergebench.baselines._common import merge_weights, weighted_sum
 from mergebench.methods import InputContract, Param, method
-
-from mergebench.baselines._common import weighted_sum, weights_for
 
 
 @method(
@@ -18,10 +17,4 @@ from mergebench.baselines._common import weighted_sum, weights_for
 )
 def linear(base, experts, weights, params, ctx):
     """Weighted average of the experts' weights: sum_i w_i theta_i / sum_i w_i."""
-    w = weights_for(weights, experts[0])
-    if params["normalize"]:
-        total = sum(w)
-        if total == 0:
-            raise ValueError(f"{ctx.name}: linear merge weights sum to zero; cannot normalize")
-        w = [x / total for x in w]
-    return weighted_sum(experts, w)
+    return weighted_sum(experts, merge_weights(weights, experts[0], params["normalize"], f"{ctx.name}: linear"))

@@ -27,10 +27,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from mergebench.baselines._common import merge_weights, weighted_sum, weights_for
 from mergebench.methods import InputContract, ModuleKind, Param, TensorContext, method
 from mergebench.methods.naming import layer_index
-
-from mergebench.baselines._common import weighted_sum, weights_for
 
 __all__ = ["karcher", "layer_adaptive_slerp", "multislerp", "slerp"]
 
@@ -400,12 +399,7 @@ def multislerp(base, experts, weights, params, ctx):
     the weighted linear average; mergekit does that only for two inputs and raises otherwise.
     """
     _check_same_shape(experts, ctx, base)
-    w = weights_for(weights, experts[0])
-    if params["normalize_weights"]:
-        total = sum(w)
-        if total == 0:
-            raise ValueError(f"{ctx.name}: multislerp weights sum to zero; cannot normalize")
-        w = [x / total for x in w]
+    w = merge_weights(weights, experts[0], params["normalize_weights"], f"{ctx.name}: multislerp")
     shape, dtype = experts[0].shape, experts[0].dtype
     acc = _acc_dtype(experts[0])
     b = _flat(base, acc) if base is not None else None

@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from mergebench.methods import InputContract, ModuleKind, Param, ParameterError, TensorContext, method
-
 from mergebench.baselines._common import weights_for
+from mergebench.methods import InputContract, ModuleKind, Param, ParameterError, TensorContext, method
 
 _CITE_TSV = (
     "Gargiulo et al., 2025. Task Singular Vectors: Reducing Task Interference in Model Merging. CVPR. "

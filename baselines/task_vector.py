@@ -25,10 +25,17 @@ from typing import Any
 
 import torch
 
-from mergebench.methods import InputContract, Param, ParameterError, method
-
 from mergebench.baselines._common import task_vectors, weights_for
-from mergebench.baselines._sparsify import dare_, della_, elect_sign, keep_count, magnitude_trim_, magnitude_window_, top_k_mask
+from mergebench.baselines._sparsify import (
+    dare_,
+    della_,
+    elect_sign,
+    keep_count,
+    magnitude_trim_,
+    magnitude_window_,
+    top_k_mask,
+)
+from mergebench.methods import InputContract, Param, ParameterError, method
 
 __all__ = [
     "breadcrumbs",

@@ -6,7 +6,21 @@ Run: ``.venv/bin/pytest benchmarks/bench_leaderboard.py --benchmark-only`` or
 A synthetic store (20 methods x sizes 2..8 x 31 tasks, plus base/expert references and merge
 provenance) is written once; each round then renders the ranking page *cold* in Streamlit's
 AppTest: caches cleared, so the DuckDB connection, the headline-metric scan over every row, the
-per-unit reduction, references, bootstrap CIs, rank intervals and merge cost are all recomputed.
+per-unit reduction, references, bootstrap CIs, rank intervals and merge cost are all recomputed
+(the leaderboard's disk cache is switched off for it).
+
+First load in a browser (``tests/test_leaderboard_browser.py::test_first_load_of_the_ranking_page_on_the_committed_store``,
+a fresh server on the committed ``results/``, request to ranking drawn), 2026-12-01, 2 cores shared
+with other jobs (load average 5-7, so wall times are 2-4x an idle machine's):
+
+    store state seen before (disk cache hit): wall 2.94 s, server CPU 0.96 s (a bare Streamlit page
+                                              with one table: wall 3.15 s, server CPU 0.75 s, same load)
+    first server after a change (miss):       wall 3.7-6.9 s, server CPU 1.8-2.7 s
+    before this change (torch imported through the method registry, Styler, Altair, suites parsed
+                                              five times): wall 8.3-10.6 s, server CPU 5.5-5.7 s
+
+Server CPU seconds are what an idle machine needs in wall time for the script (the browser adds
+its own start-up); the idle target is <= 2 s.
 """
 
 from __future__ import annotations
@@ -18,7 +32,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 APP = str(ROOT / "leaderboard" / "app.py")
 TARGET_S = 2.0
@@ -36,6 +49,7 @@ def render_ranking_cold(results_dir: Path) -> float:
     from streamlit.testing.v1 import AppTest
 
     os.environ["MERGEBENCH_RESULTS"] = str(results_dir)
+    os.environ["MERGEBENCH_LEADERBOARD_CACHE"] = "off"  # cold: recomputed, not read from the disk cache
     st.cache_data.clear()
     st.cache_resource.clear()
     at = AppTest.from_file(APP, default_timeout=120)

@@ -8,22 +8,30 @@ link opens the same page; a URL value that matches nothing in the store is repor
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
 import pandas as pd
 import streamlit as st
+from mergebench.leaderboard import queries, specs
 
 from mergebench import report
-from mergebench.leaderboard import charts, queries
+
+
+def charts():
+    """The Altair charts (:mod:`mergebench.leaderboard.charts`), imported on first use: the ranking
+    page, which most readers open first, draws its one chart without Altair (:mod:`specs`)."""
+    return importlib.import_module("mergebench.leaderboard.charts")
+
 
 PAGES = {"ranking": "Ranking", "scaling": "Scaling curves", "tasks": "Per-task detail",
-         "diagnostics": "Diagnostics", "methods": "Method pages", "pareto": "Pareto view"}
+         "diagnostics": "Diagnostics", "methods": "Method pages", "pareto": "Pareto view", "fidelity": "Fidelity"}
 ALL = "(all)"
 SEED = report.BOOT_SEED
 
 st.set_page_config(page_title="mergebench leaderboard", layout="wide")
-st.markdown("<style>div.block-container{padding-top:2rem} [data-testid='stMetricValue']{font-size:1.4rem}"
+st.markdown("<style>div.block-container{padding-top:2rem;padding-left:3rem;padding-right:3rem} [data-testid='stMetricValue']{font-size:1.4rem}"
             "</style>", unsafe_allow_html=True)
 
 RESULTS = str(queries.results_dir(sys.argv[1:]))
@@ -99,7 +107,7 @@ g = g[g["profile"] == profile]
 pool = _select("Pool / base model", list(dict.fromkeys(g["pool"])), "pool") if len(g) else None
 g = g[g["pool"] == pool]
 sizes = sorted({int(n) for s in g["sizes"] for n in s}) if len(g) else []
-n = (_select("Merge size n", sizes, "n", ALL, allow_all=True) if page not in ("scaling", "tasks") and sizes
+n = (_select("Merge size n", sizes, "n", ALL, allow_all=True) if page not in ("scaling", "tasks", "fidelity") and sizes
      else None)
 info = queries.method_info()
 family_opts = sorted(info["family"].unique())
@@ -122,6 +130,7 @@ st.sidebar.caption(f"Results: `{RESULTS}` (read-only)")
 if st.sidebar.button("Reload results"):
     st.cache_data.clear()
     st.cache_resource.clear()
+    report.method_catalog.cache_clear()  # a plugin installed meanwhile is listed and labelled
     st.rerun()
 
 st.title("mergebench leaderboard")
@@ -130,10 +139,13 @@ st.caption(f"{PAGES[page]} · suite **{suite}** · profile **{profile or '—'}*
 for note in NOTICES:
     st.warning(note, icon="⚠️")
 
-LABELS = {**report.COLUMN_LABELS, "rank": "rank", "ranks": "ranks", "gain_vs_best_expert_pp": "Δ best (pp)",
+LABELS = {**report.COLUMN_LABELS, "id": "finding", "paper_where": "paper, where", "check": "test", "estimate": "estimate",
+          "n_obs": "n", "verdict": "verdict", "rank": "rank", "ranks": "ranks", "gain_vs_best_expert_pp": "Δ best (pp)",
           "p_gt_best_expert": "P(>best)", "mean_score": "mean score", "params_json": "params (JSON)",
-          "tuned": "tuned"}
-HELP = {"rank_label": "rank by the point estimate; '=k' marks an exact tie (same rank, shared)",
+          "tuned": "tuned", "data": "data"}
+HELP = {"data": "calibrated: a data-dependent method, merged after seeing validation texts (cost includes the "
+                "calibration; the sidebar's 'Data-free methods only' hides it)",
+        "rank_label": "rank by the point estimate; '=k' marks an exact tie (same rank, shared)",
         "score": "mean headline score over the selected units (published: the paper's reported average)",
         "merging_loss_pct": "mean merging loss over the selected units: % of each task's own expert's score kept "
                             "(0 = nothing lost); the ranking metric of this suite",
@@ -157,12 +169,13 @@ NUM = {"score": "{:.4f}", "mean": "{:.4f}", "std": "{:.4f}", "value": "{:.4f}", 
        "p_best": "{:.2f}", "p_gt_base": "{:.2f}", "p_gt_best_expert": "{:.2f}", "gain_vs_base_pp": "{:+.2f}",
        "gain_vs_best_expert_pp": "{:+.2f}", "merge_wall_s": "{:.2f}", "merge_peak_gib": "{:.2f}",
        "eval_wall_s": "{:.1f}", "merging_loss_pct": "{:+.1f}", "average": "{:.4f}", "p": "{:.2g}",
-       "statistic": "{:.3f}"}
+       "statistic": "{:.3f}", "estimate": "{:+.3g}"}
 #: Pixel widths of the ranking table's columns: together under 1300 px, so the table fits a 1600 px
 #: window beside the sidebar without a horizontal scrollbar.
 WIDTHS = {"rank_label": 48, "method": 140, "params_label": 120, "score": 72, "merging_loss_pct": 96, "ci": 130,
           "ranks": 64, "p_best": 64, "p_gt_base": 72, "gain_vs_base_pp": 86, "gain_vs_best_expert_pp": 86,
-          "merge_wall_s": 66, "eval_wall_s": 60, "n_units": 50, "paper": 150, "tuned": 90}
+          "merge_wall_s": 66, "eval_wall_s": 60, "n_units": 50, "paper": 150, "tuned": 90,
+          "data": 80}
 
 
 def _integral(s: pd.Series) -> bool:
@@ -172,23 +185,29 @@ def _integral(s: pd.Series) -> bool:
 
 def table(d: pd.DataFrame, *, help_: dict | None = None, widths: dict | None = None, **kw):
     """A dataframe with blank (not 'None') missing cells, human labels, fixed number formats and
-    integers shown as integers."""
+    integers shown as integers. Numbers are formatted by the grid itself (printf formats of its
+    number columns, so they stay numbers and sort as numbers; no pandas Styler, whose import and
+    rendering cost the first page load several tenths of a second)."""
     d = d.dropna(axis=1, how="all").reset_index(drop=True)
     text = [c for c in d if d[c].dtype == object or pd.api.types.is_string_dtype(d[c])]
     d[text] = d[text].astype(object).where(d[text].notna(), "")  # the grid shows a missing string as 'None'
     fmt = {k: v for k, v in NUM.items() if k in d and pd.api.types.is_numeric_dtype(d[k])}
     fmt.update({c: "{:.0f}" for c in d if c not in fmt and _integral(d[c])})
-    # the grid draws a missing number as a grey 'None' whatever the Styler says: a numeric column with
+    # the grid draws a missing number as a grey 'None' whatever its format says: a numeric column with
     # gaps is shown as its formatted text instead (blank where missing)
     for c in [c for c in d if pd.api.types.is_numeric_dtype(d[c]) and d[c].isna().any()]:
         f = fmt.pop(c, "{:.4g}")
         d[c] = [("" if pd.isna(v) else f.format(v)) for v in d[c]]
-    sty = d.style.format(fmt, na_rep="").format(na_rep="", subset=[c for c in d
-                                                                    if not pd.api.types.is_numeric_dtype(d[c])])
     helps = {**HELP, **(help_ or {})}
-    cfg = {k: st.column_config.Column(LABELS.get(k, k), help=helps.get(k), width=(widths or {}).get(k))
-           for k in d if k in LABELS or k in helps or k in (widths or {})}
-    st.dataframe(sty, hide_index=True, width="stretch", column_config=cfg, **kw)
+    cfg = {}
+    for k in d:
+        label, width = LABELS.get(k, k), (widths or {}).get(k)
+        if k in fmt and pd.api.types.is_numeric_dtype(d[k]):
+            cfg[k] = st.column_config.NumberColumn(label, help=helps.get(k), width=width,
+                                                   format="%" + fmt[k][2:-1])  # "{:+.2f}" -> "%+.2f"
+        elif k in LABELS or k in helps or width:
+            cfg[k] = st.column_config.Column(label, help=helps.get(k), width=width)
+    st.dataframe(d, hide_index=True, width="stretch", column_config=cfg, **kw)
 
 
 def _params_help(run: pd.DataFrame) -> str:
@@ -206,10 +225,14 @@ def run_table(run: pd.DataFrame, by_loss: bool) -> pd.DataFrame:
                        ranks=[report.rank_interval_text(lo, hi) for lo, hi in zip(run["rank_low"], run["rank_high"])])
     marks = run[["method", "params"]].merge(queries.tuned(RESULTS, SIG, filters), how="left")["tuned"]
     shown["tuned"] = marks.fillna("default").to_numpy()
+    # the badge of methods that saw calibration data (their cost includes it; "data-free only" hides them)
+    calibrated = info.set_index("method")["data_dependent"]
+    shown["data"] = ["calibrated" if calibrated.get(m, False) else "" for m in shown["method"]]
     cols = ["rank_label", "method", "params_label", "merging_loss_pct" if by_loss else "score", "ci", "ranks",
             "p_best", "p_gt_base", "gain_vs_base_pp", "gain_vs_best_expert_pp", "merge_wall_s", "eval_wall_s",
             "n_units"] + (["paper"] if (shown["paper"].fillna("") != "").any() else []) \
-        + (["tuned"] if (shown["tuned"] != "default").any() else [])
+        + (["tuned"] if (shown["tuned"] != "default").any() else []) \
+        + (["data"] if (shown["data"] != "").any() else [])
     return shown[[c for c in cols if c in shown]]
 
 
@@ -260,7 +283,8 @@ def page_ranking():
     if len(run):
         st.subheader(f"{'Merging loss (%)' if by_loss else 'Score'} with 95 % bootstrap CI (reproduced)")
         shown_ci = run.assign(score=run["merging_loss_pct"]) if by_loss else run
-        st.altair_chart(charts.ranking_ci(shown_ci, "merging loss %" if by_loss else "headline score"), width="stretch")
+        st.vega_lite_chart(specs.ranking_ci(shown_ci, "merging loss %" if by_loss else "headline score"),
+                           width="stretch")
 
 
 def page_scaling():
@@ -272,7 +296,7 @@ def page_scaling():
                 "(error bars; as the Fisher–Rao merging paper's Fig. 1 and the in-the-wild merging study's "
                 "Figs. 3, 6). Single experts appear at n = 1, the base model as the dashed line; dashed diamonds "
                 "are published averages (Fisher–Rao merging paper, Tables 1, 3-5).")
-    st.altair_chart(charts.scaling(d, pap), width="stretch")
+    st.altair_chart(charts().scaling(d, pap), width="stretch")
     table(d)
     norms = queries.task_vector_norms(RESULTS, SIG, filters)
     st.subheader("Task-vector norm vs n")
@@ -282,7 +306,7 @@ def page_scaling():
         return
     st.markdown("How far each merge moves from the base, ‖θ_merged − θ_base‖₂ over all weights, mean ± 1 std "
                 "over the subsets of each size (the in-the-wild merging study's Fig. 4); single experts at n = 1.")
-    st.altair_chart(charts.scaling(norms, y_title="‖θ − θ_base‖₂"), width="stretch")
+    st.altair_chart(charts().scaling(norms, y_title="‖θ − θ_base‖₂"), width="stretch")
 
 
 def page_tasks():
@@ -298,17 +322,17 @@ def page_tasks():
         for pool_, g in p.groupby("pool", sort=True):
             st.subheader(f"{report.table_title(tab)}: {pool_} (published)")
             g = g.assign(method=g["method"] + " · n=" + g["n"].astype(int).astype(str))
-            st.altair_chart(charts.heatmap(g), width="stretch")
+            st.altair_chart(charts().heatmap(g), width="stretch")
         table(p.assign(table=p["table"].map(report.table_title)))
         return
     rank = queries.ranking(RESULTS, SIG, filters, SEED)
     order = list(dict.fromkeys(rank[rank["source"] == "run"]["method"])) + ["single expert", "base model"]
     st.subheader("Method × task (mean headline metric over all sizes), methods in ranking order")
-    st.altair_chart(charts.heatmap(d, order=order), width="stretch")
+    st.altair_chart(charts().heatmap(d, order=order), width="stretch")
     tasks = sorted(d["task"].unique())
     task = st.selectbox("Task", tasks, key="task")
     st.subheader(f"{task}: score vs n")
-    st.altair_chart(charts.task_vs_n(d[d["task"] == task]), width="stretch")
+    st.altair_chart(charts().task_vs_n(d[d["task"] == task]), width="stretch")
     table(d[d["task"] == task])
 
 
@@ -343,11 +367,11 @@ def page_diagnostics():
     if not pairs.empty:
         st.subheader(f"{metric}: pairwise (mean over layers)")
         h = pairs.groupby(["model", "model_b"], as_index=False)["value"].mean()
-        st.altair_chart(charts.heatmap(h.rename(columns={"model": "method", "model_b": "task"})), width="stretch")
+        st.altair_chart(charts().heatmap(h.rename(columns={"model": "method", "model_b": "task"})), width="stretch")
     curves = v[v["model_b"].isna() & v["layer_index"].notna()]
     if not curves.empty:
         st.subheader(f"{metric} by layer")
-        st.altair_chart(charts.layer_curve(curves), width="stretch")
+        st.altair_chart(charts().layer_curve(curves), width="stretch")
 
 
 def page_methods():
@@ -357,9 +381,7 @@ def page_methods():
     _init("method", names, first)
     method = st.selectbox("Method", names, key="method")
     _mirror("method", method)
-    from mergebench.methods import get_method
-
-    spec = get_method(method).describe()
+    spec = report.method_catalog()[method]  # the registry's describe(), cached: no torch import
     st.header(method)
     st.markdown(f"**{spec.get('summary', '')}**")
     c = st.columns(4)
@@ -410,10 +432,60 @@ def page_pareto():
         return
     st.markdown(f"Quality ({quality}) vs {report.COSTS[cost]}, from provenance. Diamonds are Pareto-optimal: "
                 "no other configuration is both better and cheaper (the red step line is the front).")
-    st.altair_chart(charts.pareto(d, cost, report.COSTS[cost], quality), width="stretch")
+    st.altair_chart(charts().pareto(d, cost, report.COSTS[cost], quality), width="stretch")
     table(d[["method", "params_label", "score", "merge_wall_s", "eval_wall_s", "merge_peak_gib", "pareto"]]
           .rename(columns={"score": value}).sort_values(cost), help_={"params_label": _params_help(d)})
 
 
+VERDICT_COLOR = {"reproduced": "green", "not reproduced": "red", "not testable here": "orange"}
+
+
+def _md_cell(text) -> str:
+    return "" if pd.isna(text) else str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def page_fidelity():
+    frame, source = queries.fidelity(RESULTS, SIG, suite)
+    if frame.empty:
+        st.info(f"No published finding in `suites/papers/findings.yaml` is about the suite **{suite}**.")
+        return
+    counts = frame["verdict"].value_counts()
+    c = st.columns(4)
+    for col, verdict in zip(c, VERDICT_COLOR):
+        col.metric(verdict, int(counts.get(verdict, 0)))
+    ranks = frame[frame["kind"] == "ranking"]
+    taus = [f"{t:+.2f}" for t in ranks["estimate"] if pd.notna(t)]
+    c[3].metric("rank agreement (Kendall τ)", ", ".join(taus) or "—")
+    st.markdown("Each finding the papers publish (declared with its place in the paper in "
+                "`suites/papers/findings.yaml`) tested on this suite's **embedded** profile: the embedded result, "
+                "a 95 % bootstrap interval and a verdict with its reason; rank agreement is Kendall's τ-b between "
+                "the embedded and the published ranking of the methods both have, matched on configuration. "
+                "The profile, pool and n filters do not apply here.")
+    seed, n_boot = int(frame["seed"].iloc[0]), int(frame["n_boot"].iloc[0])
+    st.caption(f"Bootstrap: seed {seed} (NumPy PCG64), {n_boot:,} resamples · rows {source} · "
+               f"pool {frame['pool'].dropna().iloc[0] if frame['pool'].notna().any() else '—'} · "
+               f"`mergebench sql \"select * from fidelity\"`")
+    compact = frame.assign(ci=[f"{lo:+.3g} – {hi:+.3g}" if pd.notna(lo) else "" for lo, hi in zip(frame["ci_low"],
+                                                                                           frame["ci_high"])],
+                           paper_where=frame["paper_title"] + ", " + frame["where"].fillna(""),
+                           n_obs=frame["n_obs"].where(frame["verdict"] != "not testable here"))  # blank, not 0
+    table(compact[["verdict", "id", "paper_where", "check", "estimate", "ci", "n_obs"]],
+          help_={"verdict": "reproduced: the interval lies on the paper's side; not reproduced: it does not (the "
+                            "reason says how); not testable here: the store lacks what the test needs",
+                 "estimate": "the embedded result: a slope per added expert, a share, a gap, Pearson r, τ ...",
+                 "ci": "95 % bootstrap interval (seeded)", "n_obs": "observations behind it"},
+          widths={"verdict": 115, "id": 265, "paper_where": 300, "check": 90, "estimate": 75, "ci": 140,
+                  "n_obs": 45}, height=38 + 35 * len(compact))
+    st.subheader("Details")
+    lines = ["| verdict | finding | paper | embedded result | estimate [95 % CI] | why |", "|---|---|---|---|---|---|"]
+    for r in frame.itertuples(index=False):
+        est = "" if r.estimate != r.estimate else (
+            f"{r.estimate:+.3g} [{r.ci_low:+.3g}, {r.ci_high:+.3g}]" if r.ci_low == r.ci_low else f"{r.estimate:+.3g}")
+        lines.append("| " + " | ".join([f":{VERDICT_COLOR[r.verdict]}[**{r.verdict}**]",
+                                         f"`{r.id}` — {_md_cell(r.claim)}", f"{r.paper_title}, {_md_cell(r.where)}",
+                                         _md_cell(r.observed) or "—", est, _md_cell(r.reason)]) + " |")
+    st.markdown("\n".join(lines))
+
+
 {"ranking": page_ranking, "scaling": page_scaling, "tasks": page_tasks, "diagnostics": page_diagnostics,
- "methods": page_methods, "pareto": page_pareto}[page]()
+ "methods": page_methods, "pareto": page_pareto, "fidelity": page_fidelity}[page]()

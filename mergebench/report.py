@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import hashlib
 import html as _html
 import json
 import math
@@ -31,9 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mergebench.results import metrics, store
 from mergebench.config import papers
 from mergebench.errors import MergebenchError
+from mergebench.paths import suites_root
+from mergebench.results import metrics, store
 
 #: Bootstrap of the leaderboard and the report: seed and resamples (NumPy ``Generator(PCG64(seed))``,
 #: units in unit-id order), shown under every table so an interval can be recomputed digit for digit.
@@ -79,38 +81,57 @@ _UNIT_COLS = ["suite", "suite_version", "profile", "pool", "base_model", "method
 # ------------------------------------------------------------------------------ connection
 
 
-def headline_map() -> pd.DataFrame:
-    """(suite, profile, task, metric): each task's headline metric in every defined suite profile."""
-    rows = []
+def _suite_files_key() -> tuple:
+    """The suite and pool files' names, sizes and mtimes: the suite definitions are parsed once per
+    process for as long as none of these changes (parsing every suite costs about a second)."""
+    root = suites_root()
+    files = sorted([*root.glob("*.yaml"), *root.glob("pools/*.yaml")])
+    return (str(root), *((f.name, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]))
+
+
+@functools.lru_cache(maxsize=2)
+def _suites(key: tuple) -> tuple[dict[str, Any], str | None]:
+    """(name -> suite, why unavailable); a broken suite file must not take the leaderboard down."""
     try:
         from mergebench.config.suites import list_suites
 
-        for s in list_suites():
-            for pname in s.profiles:
-                try:
-                    prof = s.profile(pname)
-                except Exception:  # noqa: BLE001 - a profile needing a pool choice still names its tasks
-                    prof = s.profiles[pname]
-                for t in getattr(prof, "tasks", []):
-                    rows.append((s.name, pname, t.name, t.metric))
-    except Exception as exc:  # noqa: BLE001 - a broken suite file must not take the leaderboard down
-        warnings.warn(f"suite definitions unavailable ({exc}); every task falls back to 'acc'", stacklevel=2)
-    return pd.DataFrame(rows, columns=["suite", "profile", "task", "metric"]).drop_duplicates()
+        return {s.name: s for s in list_suites()}, None
+    except Exception as exc:
+        return {}, str(exc)
+
+
+def suite_definitions() -> dict[str, Any]:
+    """Every suite of ``suites/`` by name (cached while the files do not change)."""
+    return _suites(_suite_files_key())[0]
+
+
+@functools.lru_cache(maxsize=2)
+def _headline_rows(key: tuple) -> tuple[tuple[str, str, str, str], ...]:
+    rows = []
+    for s in _suites(key)[0].values():
+        for pname in s.profiles:
+            try:
+                prof = s.profile(pname)
+            except Exception:
+                prof = s.profiles[pname]
+            for t in getattr(prof, "tasks", []):
+                rows.append((s.name, pname, t.name, t.metric))
+    return tuple(rows)
+
+
+def headline_map() -> pd.DataFrame:
+    """(suite, profile, task, metric): each task's headline metric in every defined suite profile."""
+    key = _suite_files_key()
+    why = _suites(key)[1]
+    if why is not None:
+        warnings.warn(f"suite definitions unavailable ({why}); every task falls back to 'acc'", stacklevel=2)
+    return pd.DataFrame(list(_headline_rows(key)), columns=["suite", "profile", "task", "metric"]).drop_duplicates()
 
 
 def loss_profiles() -> set[tuple[str, str]]:
     """(suite, profile) pairs whose headline is the merging loss (the merging-collapse study eq. 1), not the score."""
-    out = set()
-    try:
-        from mergebench.config.suites import list_suites
-
-        for s in list_suites():
-            for pname, prof in s.profiles.items():
-                if "merging_loss" in (getattr(prof, "report", None) or []):
-                    out.add((s.name, pname))
-    except Exception:  # noqa: BLE001 - same policy as headline_map
-        pass
-    return out
+    return {(s.name, pname) for s in suite_definitions().values() for pname, prof in s.profiles.items()
+            if "merging_loss" in (getattr(prof, "report", None) or [])}
 
 
 def unit_merging_loss(con, f: Filters, merged: pd.DataFrame) -> pd.Series:
@@ -238,18 +259,93 @@ _FAMILY = {
     "mergebench.baselines.model_stock": "averaging",
     "mergebench.baselines.arcee_fusion": "selection",
     "mergebench.baselines.subspace": "subspace",
+    "mergebench.baselines.fisher": "data-dependent",
+    "mergebench.baselines.regmean": "data-dependent",
+    "mergebench.baselines.adamerging": "data-dependent",
+    "mergebench.baselines.emr": "data-dependent",
 }
 
 
-def method_info() -> pd.DataFrame:
-    """One row per registered method: name, family (from its module), data_free, version, summary."""
+#: The entry-point group of merge methods (:data:`mergebench.methods.ENTRY_POINT_GROUP`, named here
+#: because importing that package imports torch, which the leaderboard must not wait for).
+METHOD_GROUP = "mergebench.methods"
+CATALOG_ENV = "MERGEBENCH_CACHE"
+
+
+def _catalog_key() -> str:
+    """Fingerprint of the installed methods without importing them: every entry point (name, target,
+    distribution and version) and the size and mtime of every ``.py`` file beside its module and of
+    the method API itself; any edit or install changes it."""
+    import importlib.metadata as md
+    import importlib.util
+
+    parts = [store.package_version("mergebench") or "", store.SCHEMA_VERSION]
+    folders = {Path(__file__).resolve().parent / "methods"}
+    for ep in sorted(md.entry_points(group=METHOD_GROUP), key=lambda e: (e.name, e.value)):
+        dist = getattr(ep, "dist", None)
+        parts.append(f"{ep.name}={ep.value}@{getattr(dist, 'name', '')}-{getattr(dist, 'version', '')}")
+        try:
+            spec = importlib.util.find_spec(ep.module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            folders.add(Path(spec.origin).resolve().parent)
+    for folder in sorted(folders):
+        for f in sorted(folder.glob("*.py")):
+            st = f.stat()
+            parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def catalog_path() -> Path:
+    """Where :func:`method_catalog` keeps its JSON: ``$MERGEBENCH_CACHE`` or ``~/.cache/mergebench``."""
+    root = Path(os.environ.get(CATALOG_ENV) or Path.home() / ".cache" / "mergebench").expanduser()
+    return root / f"method-catalog-{_catalog_key()}.json"
+
+
+def _describe_all() -> list[dict[str, Any]]:
     from mergebench.methods import list_methods
 
-    rows = []
-    for m in list_methods():
-        rows.append({"method": m.name, "family": _FAMILY.get(m.source, "plugin"), "data_free": not m.aux_inputs,
-                     "version": m.version, "summary": m.summary, "stochastic": m.stochastic})
-    return pd.DataFrame(rows, columns=["method", "family", "data_free", "version", "summary", "stochastic"])
+    return [{**json.loads(json.dumps(m.describe(), default=str)), "name": m.name,
+             "family": _FAMILY.get(m.source, "plugin"), "data_free": not m.aux_inputs and m.calibration is None, "version": m.version,
+             "summary": m.summary, "stochastic": m.stochastic} for m in list_methods()]
+
+
+@functools.lru_cache(maxsize=1)
+def _catalog(path: Path) -> tuple[dict[str, Any], ...]:
+    try:
+        return tuple(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
+    entries = _describe_all()
+    try:  # a cache: a folder that cannot be written only costs the next process the import again
+        _atomic_write(path, json.dumps(entries, sort_keys=True, ensure_ascii=False))
+        for old in path.parent.glob("method-catalog-*.json"):  # catalogs of earlier installs
+            if old != path:
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass
+    return tuple(entries)
+
+
+@functools.lru_cache(maxsize=1)
+def method_catalog() -> dict[str, dict[str, Any]]:
+    """name -> every registered method's ``describe()`` plus family, data_free, version, summary and
+    stochastic: read from a JSON cache (:func:`catalog_path`) that is valid while no method file or
+    installed plugin changes, so the leaderboard and the reports never import torch to label a
+    parameter set. The first process after a change imports the registry once and writes it.
+    Looked up once per process (``method_catalog.cache_clear()`` looks again: the leaderboard's
+    "Reload results" does); do not modify the returned dicts."""
+    return {e["name"]: dict(e) for e in _catalog(catalog_path())}
+
+
+def method_info() -> pd.DataFrame:
+    """One row per registered method: name, family (from its module), data_free (no calibration data
+    and no auxiliary checkpoint inputs), data_dependent (calibrated on data), version, summary."""
+    rows = [{"method": name, **{k: e[k] for k in ("family", "data_free", "version", "summary", "stochastic")},
+             "data_dependent": bool(e.get("data_dependent"))} for name, e in sorted(method_catalog().items())]
+    return pd.DataFrame(rows, columns=["method", "family", "data_free", "data_dependent", "version", "summary",
+                                       "stochastic"])
 
 
 def choices(con) -> dict[str, list]:
@@ -308,15 +404,11 @@ _PARAM_SHORT = {"lambda": "λ", "density": "d", "weight": "w", "weights": "w", "
 _PARAM_FIRST = ("lambda", "density", "t", "weight", "weights")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _method_defaults(method: str) -> tuple[tuple[str, Any], ...]:
     """(name, default) of a registered method's parameters; () for a method that is not installed."""
-    try:
-        from mergebench.methods import get_method
-
-        return tuple((p["name"], p.get("default")) for p in get_method(method).describe().get("params") or [])
-    except Exception:  # noqa: BLE001 - a plugin missing here still gets a label (all its params)
-        return ()
+    entry = method_catalog().get(method)  # a plugin missing here still gets a label (all its params)
+    return tuple((p["name"], p.get("default")) for p in (entry or {}).get("params") or [])
 
 
 def _value_text(v: Any) -> str:
@@ -562,21 +654,19 @@ def ranking(con, f: Filters, **kw) -> pd.DataFrame:
                      p_best=np.nan, merge_wall_s=np.nan, merge_peak_gib=np.nan, eval_wall_s=np.nan,
                      rank_label=None, variant=pap["method"], params_label=None, sizes=pap["n"].astype("string"))
     extra = [c for c in ("suite", "profile", "pool", "n", "label", "merging_loss_pct") if c in pap]
+    ranks = {"rank": "Int64", "rank_low": "Int64", "rank_high": "Int64"}  # blank for published rows, never 1.0
     if run.empty:
-        return _with_boot(pap[RANKING_COLUMNS + extra].reset_index(drop=True), boot)
-    run = run.astype({"rank": "Int64", "rank_low": "Int64", "rank_high": "Int64"})
-    return _with_boot(pd.concat([run, pap[RANKING_COLUMNS + extra]], ignore_index=True), boot)
+        return _with_boot(pap[RANKING_COLUMNS + extra].reset_index(drop=True).astype(ranks), boot)
+    return _with_boot(pd.concat([run.astype(ranks), pap[RANKING_COLUMNS + extra].astype(ranks)], ignore_index=True),
+                      boot)
 
 
 @functools.lru_cache(maxsize=256)
-def _paper_config(suite: str, method: str, profile: str | None) -> str | None:
+def paper_config(suite: str, method: str, profile: str | None) -> str | None:
     """JSON of the hyperparameters a suite file records for `method` in the paper's `profile`
     (suite-level params, profile overrides applied); None when the suite cannot be loaded."""
-    try:
-        from mergebench.config.suites import load_suite
-
-        s = load_suite(suite)
-    except Exception:  # noqa: BLE001 - a store may hold suites this checkout does not define
+    s = suite_definitions().get(suite)
+    if s is None:  # a store may hold suites this checkout does not define
         return None
     params = dict(s.methods[method].params) if method in s.methods else {}
     if profile in s.profiles:
@@ -620,7 +710,7 @@ def match_paper(run: pd.DataFrame, pap: pd.DataFrame) -> pd.DataFrame:
             continue
         run_params = json.loads(r.params) if r.params else {}
         for (suite, profile), c in cand.groupby(["suite", "profile"], dropna=False, sort=True):
-            cfg = _paper_config(suite, r.method, None if pd.isna(profile) else profile)
+            cfg = paper_config(suite, r.method, None if pd.isna(profile) else profile)
             if cfg is not None and same_configuration(r.method, run_params, json.loads(cfg)):
                 out.append(c.assign(variant=r.variant))
     if not out:
@@ -804,11 +894,12 @@ def diagnostic_stats(con, pool: str | None = None) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------- colours
 
-#: 24 distinguishable colours (Tableau 10 without its grey, then darker and lighter hues), so up
-#: to 24 methods never share one; the base model is black and the single experts grey.
+#: 32 distinguishable colours (Tableau 10 without its grey, then darker and lighter hues), so up
+#: to 32 methods never share one; the base model is black and the single experts grey.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
            "#000075", "#911eb4", "#3cb44b", "#f032e6", "#9a6324", "#800000", "#808000", "#4363d8", "#e6194b",
-           "#469990", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5")
+           "#469990", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d",
+           "#9edae5", "#393b79", "#637939", "#8c6d31", "#843c39")
 REFERENCE_COLORS = {"base model": "#000000", "single expert": "#7f7f7f"}
 
 
@@ -818,7 +909,7 @@ def _color_order() -> tuple[str, ...]:
     changes a built-in's colour."""
     try:
         info = method_info()
-    except Exception:  # noqa: BLE001 - colours must not depend on a working registry
+    except Exception:
         return ()
     builtin = info["family"] != "plugin"
     return tuple(sorted(info.loc[builtin, "method"])) + tuple(sorted(info.loc[~builtin, "method"]))

@@ -17,6 +17,12 @@ must raise or let them reach the output. Property checks (``identity_on_base``, 
 properties the method declares, because e.g. un-normalized task arithmetic is legitimately
 not idempotent. Auxiliary inputs (``aux_inputs``) are not supplied: methods must treat them
 as optional.
+
+Data-dependent methods (``spec.calibration``) get synthetic statistics as the engine would hand
+them over, derived from each expert's own tensor (so reordering or duplicating experts reorders or
+duplicates them): a positive ``fisher`` shaped like the tensor, an SPD ``(in, in)`` ``gram`` for
+2-D tensors. A model step's output is not synthesised: kernels must accept tensors the step did
+not cover. The declaration itself is checked (budget, budget parameters, per-task outputs).
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from typing import Any
 import torch
 
 from .errors import MergebenchError
-from .methods.spec import MethodSpec, ModuleKind, TensorContext, tensor_seed
+from .methods.calibration import CalibrationBudget, CalibrationNeed, calibration_of
+from .methods.spec import MethodSpec, ModuleKind, ParameterError, TensorContext, tensor_seed
 
-__all__ = ["Check", "CheckFailure", "ConformanceReport", "check_method", "method_checks", "run_kernel"]
+__all__ = ["Check", "CheckFailure", "ConformanceReport", "check_method", "method_checks", "run_kernel",
+           "synthetic_statistics"]
 
 
 class CheckFailure(MergebenchError, AssertionError):
@@ -87,14 +95,32 @@ def run_kernel(
     if spec.stochastic:
         gen = torch.Generator(device=device)
         gen.manual_seed(tensor_seed(ctx.name, seed))
+    aux = {**synthetic_statistics(spec, experts), **dict(ctx.aux)}
     stats = {}
     if spec.prepass is not None:
-        stats = {ctx.name: dict(spec.prepass(base, experts, params, ctx))}
+        pctx = TensorContext(name=ctx.name, layer=ctx.layer, num_layers=ctx.num_layers, kind=ctx.kind, aux=aux)
+        stats = {ctx.name: dict(spec.prepass(base, experts, params, pctx))}
     ctx = TensorContext(
         name=ctx.name, layer=ctx.layer, num_layers=ctx.num_layers, kind=ctx.kind, generator=gen,
-        model_stats=stats, aux=ctx.aux,
+        model_stats=stats, aux=aux,
     )
     return spec.kernel(base, list(experts), weights, params, ctx)
+
+
+def synthetic_statistics(spec: MethodSpec, experts: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Stand-ins for the calibration statistics ``spec`` declares, each a function of one expert's
+    tensor: ``fisher`` = 0.05 + theta^2 (positive, shaped like it); ``gram`` = theta^T theta / out +
+    0.1 I (SPD, ``(in, in)``; 2-D tensors only, as the engine gives Grams to linear weights only)."""
+    need = calibration_of(spec)
+    out: dict[str, list[torch.Tensor]] = {}
+    if need is None:
+        return out
+    if "fisher" in need.statistics:
+        out["fisher"] = [0.05 + e.square() for e in experts]
+    if "gram" in need.statistics and experts[0].dim() == 2:
+        eye = torch.eye(experts[0].shape[1], dtype=experts[0].dtype, device=experts[0].device)
+        out["gram"] = [e.T @ e / e.shape[0] + 0.1 * eye for e in experts]
+    return out
 
 
 def _inputs(spec, shape, n, dtype=torch.float32, device="cpu", seed=0, spread=0.1):
@@ -154,6 +180,46 @@ def method_checks(spec: MethodSpec, params: Mapping[str, Any] | None = None) -> 
             raise CheckFailure("citation is empty: say which paper or source the method follows")
         for prm in spec.params:
             prm.coerce(prm.default, spec.name, n) if prm.default is not None else None
+
+    need = calibration_of(spec)
+    if need is not None:
+
+        @add("calibration_declaration")
+        def _():
+            if not isinstance(need, CalibrationNeed):
+                raise CheckFailure(f"calibration must be a CalibrationNeed, got {type(need).__name__}")
+            if not isinstance(need.budget, CalibrationBudget):
+                raise CheckFailure("calibration.budget must be a CalibrationBudget")
+            if not need.budget.source:
+                raise CheckFailure("calibration.budget.source is empty: say where the budget comes from")
+            clash = sorted(set(need.aux_keys) & set(spec.aux_inputs))
+            if clash:
+                raise CheckFailure(f"calibration statistic(s) {', '.join(clash)} are also checkpoint aux_inputs")
+            budget = need.resolve_budget(p)
+            if budget.documents < 1 or budget.max_tokens < 1:
+                raise CheckFailure(f"the default parameters give an empty calibration budget: {budget.describe()}")
+
+    if spec.outputs == "per_task":
+
+        @add("per_task_outputs")
+        def _():
+            base, experts = _inputs(spec, _SHAPES["matrix"], n)
+            for k in range(n):
+                pk = spec.validate_params({**p, "task": k}, n_experts=n)
+                out = run_kernel(spec, base, experts, pk, _CONTEXTS["matrix"])
+                if out.shape != experts[0].shape:
+                    raise CheckFailure(f"task {k}: shape {tuple(out.shape)}")
+                _finite(out, f"task {k}")
+            try:
+                spec.validate_params({**p, "task": n}, n_experts=n)
+            except ParameterError:
+                pass
+            else:
+                raise CheckFailure(f"task={n} with {n} experts must be rejected by validate_params (no tensor read)")
+            if spec.contract.min_experts <= 1:
+                one = run_kernel(spec, base, experts[:1], spec.validate_params({**p, "task": 0}, n_experts=1),
+                                 _CONTEXTS["matrix"])
+                _close(one, experts[0], "task 0 of a single expert must be that expert")
 
     for key in _CONTEXTS:
 

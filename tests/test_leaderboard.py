@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +10,13 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from mergebench.leaderboard import synthetic
+from streamlit.testing.v1 import AppTest
 
-from mergebench.leaderboard import synthetic  # noqa: E402
-from mergebench import report  # noqa: E402
-from mergebench.results import store  # noqa: E402
+from mergebench import report
+from mergebench.results import store
 
 APP = str(ROOT / "leaderboard" / "app.py")
 PAGES = ["ranking", "scaling", "tasks", "diagnostics", "methods", "pareto"]
@@ -340,3 +338,28 @@ def test_url_preselects_page_and_filters(monkeypatch):
     assert "suite **inthewild**" in at.caption[0].value
     latest = store.sql("SELECT suite FROM results ORDER BY created_at DESC LIMIT 1", ROOT / "results")["suite"][0]
     assert app(ROOT / "results", monkeypatch).selectbox(key="suite").value == latest
+
+
+def test_disk_cache_returns_the_computed_tables(syn, tmp_path, monkeypatch):
+    """A restarted server reads the ranking page's tables from disk: the same frames, digit for digit."""
+    from mergebench.leaderboard import queries
+
+    monkeypatch.setenv(queries.DISK_CACHE_ENV, str(tmp_path / "cache"))
+    sig = queries.signature(str(syn))
+    f = {"suite": "inthewild", "profile": "embedded", "pool": "smol", "n": None, "families": None,
+         "data_free_only": False}
+    with report.connect(syn) as con:
+        want = report.ranking(con, report.Filters(**f))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return want
+
+    first = queries._disk("ranking", str(syn), sig, (sorted(f.items()), 0), compute)
+    again = queries._disk("ranking", str(syn), sig, (sorted(f.items()), 0), compute)
+    assert len(calls) == 1 and len(list((tmp_path / "cache").glob("ranking-*.parquet"))) == 1
+    pd.testing.assert_frame_equal(again, want.reset_index(drop=True))
+    pd.testing.assert_frame_equal(first, want)
+    other = queries._disk("ranking", str(syn), sig + (("x", 1),), (sorted(f.items()), 0), compute)
+    assert len(calls) == 2 and other is want  # another store state: computed again

@@ -22,18 +22,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--window-size=1500,1150", "--hide-scrollbars"]
-PAGES = ["ranking", "scaling", "tasks", "diagnostics", "methods", "pareto"]
+PAGES = ["ranking", "scaling", "tasks", "diagnostics", "methods", "pareto", "fidelity"]
 SHOTS = ROOT / "leaderboard" / "screenshots"
 
 pytestmark = [
@@ -64,12 +64,13 @@ def store_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def server(store_dir, tmp_path_factory):
+@contextmanager
+def _serve(store: Path, log_dir: Path, env: dict | None = None):
+    """A fresh `streamlit run` of the app over `store`: yields (url, process) once it is healthy."""
     port = _free_port()
     streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
-    log = (tmp_path_factory.mktemp("lbsrv") / "streamlit.log").open("w")
-    env = {**os.environ, "MERGEBENCH_RESULTS": str(store_dir), "HF_HUB_OFFLINE": "1"}
+    log = (log_dir / "streamlit.log").open("w")
+    env = {**os.environ, "MERGEBENCH_RESULTS": str(store), "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.Popen(
         [streamlit, "run", str(ROOT / "leaderboard" / "app.py"), "--server.address", "127.0.0.1",
          "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
@@ -87,7 +88,7 @@ def server(store_dir, tmp_path_factory):
                 raise RuntimeError(f"streamlit exited with {proc.returncode}; see {log.name}")
         else:
             raise RuntimeError("streamlit did not become healthy within 60 s")
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -95,6 +96,12 @@ def server(store_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(store_dir, tmp_path_factory):
+    with _serve(store_dir, tmp_path_factory.mktemp("lbsrv")) as (url, _proc):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +308,66 @@ def test_changing_the_suite_in_the_sidebar_updates_the_url(server, browser, stor
     WebDriverWait(browser, 30).until(lambda d: parse_qs(urlparse(d.current_url).query).get("suite") == [other])
     query = parse_qs(urlparse(browser.current_url).query)
     assert query["suite"] == [other] and query["page"] == ["ranking"]
+
+
+# ------------------------------------------------------------------ width and first load
+
+
+def test_ranking_fits_1500_and_1600_px_without_horizontal_scroll(server, browser, store_dir):
+    """Every table of the ranking page, on every suite with reproduced rows, at 1500 and 1600 px."""
+    overflow, seen = [], 0
+    try:
+        for width in (1500, 1600):
+            browser.set_window_size(width, 1150)
+            for suite in _suites(store_dir):
+                _load(browser, server, f"suite={suite}&page=ranking")
+                sizes = browser.execute_script("""
+                    return [...document.querySelectorAll('[data-testid="stDataFrame"] .dvn-scroller')]
+                        .map(s => [s.scrollWidth, s.clientWidth]);""")
+                seen += len(sizes)
+                overflow += [f"{suite} at {width} px: table {i} is {sw} px in a {cw} px box"
+                             for i, (sw, cw) in enumerate(sizes) if sw > cw + 1]
+    finally:
+        browser.set_window_size(1500, 1150)
+    assert seen, "no table found"
+    assert not overflow, "\n".join(overflow)
+
+
+def _server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the server's CPU time from /proc")
+def test_first_load_of_the_ranking_page_on_the_committed_store(browser, tmp_path):
+    """The first reader of a freshly started server, on the committed store: seconds from the request
+    to the ranking drawn (table present, script finished), and the server's CPU seconds meanwhile
+    (close to the wall time an idle machine needs; the wall time on a busy machine is not). Printed
+    and, with $MERGEBENCH_TIMINGS=FILE, appended to FILE as JSON; benchmarks/bench_leaderboard.py
+    records the figures. No timing is asserted: speed is a benchmark's figure, not a test's verdict."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with _serve(ROOT / "results", tmp_path) as (url, proc):
+        cpu0, t0 = _server_cpu_s(proc.pid), time.perf_counter()
+        browser.get(f"{url}/?page=ranking")
+        wait = WebDriverWait(browser, 120)
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, '[data-testid="stDataFrame"]')))
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"] button'))
+        first, cpu = time.perf_counter() - t0, _server_cpu_s(proc.pid) - cpu0
+        t1 = time.perf_counter()
+        browser.get(f"{url}/?page=ranking")
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, '[data-testid="stDataFrame"]')))
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"] button'))
+        again = time.perf_counter() - t1
+        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    figures = {"first_load_s": round(first, 2), "server_cpu_s": round(cpu, 2), "second_load_s": round(again, 2),
+               "load_average_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    print("leaderboard first load:", json.dumps(figures))
+    if os.environ.get("MERGEBENCH_TIMINGS"):
+        with open(os.environ["MERGEBENCH_TIMINGS"], "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(figures) + "\n")

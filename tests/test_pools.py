@@ -34,7 +34,7 @@ SEEDS = Path(os.environ.get("MERGEBENCH_SEEDS", "/work/shared/seeds"))
 EXPECTED_POOLS = {
     "inthewild-llama-3.2-3b-instruct", "inthewild-llama-3.1-8b-instruct", "inthewild-qwen3-4b", "inthewild-qwen3-8b",
     "homogeneous-qwen3-4b", "homogeneous-qwen3-8b", "openllm-qwen2.5-14b",
-    "smollm2-135m", "smollm2-360m", "smollm2-1.7b", "glue", "smol",
+    "smollm2-135m", "smollm2-360m", "smollm2-1.7b", "glue", "smol", "wild",
 }
 
 

@@ -334,7 +334,7 @@ def _fake_compute(marks: Path):
     def compute(plan, wu, provenance, **kw):
         (marks / f"{wu.unit.unit_id}-{os.getpid()}").touch()
         time.sleep(0.02)
-        return pd.DataFrame(ROWS), {"eval_wall_s": 0.02}
+        return pd.DataFrame(ROWS), {"eval_wall_s": 0.02}, None
 
     return compute
 
@@ -357,7 +357,7 @@ def _eval_worker(d, units, run_id, barrier, out):
             if not claim or store.has_unit(u, d):
                 got.append((u.unit_id, "skipped", claim.holder))
                 continue
-            rows, prov = compute(None, SimpleNamespace(unit=u), {})
+            rows, prov, _ = compute(None, SimpleNamespace(unit=u), {})
             store.write_unit(u, rows, run_id=run_id, results_dir=d, provenance=prov)
             got.append((u.unit_id, "done", None))
     out.put(got)

@@ -161,7 +161,7 @@ def _broken(tmp_path, suite: str, old: str, new: str) -> Path:
 
 def test_validation_errors_name_the_file_and_field(tmp_path):
     f = _broken(
-        tmp_path, "inthewild", "sizes: [2, 4, 8], subsets_per_size: 2", "sizes: [2, four, 8], subsets_per_size: 2"
+        tmp_path, "inthewild", "sizes: [2, 4, 8], subsets_per_size: 6", "sizes: [2, four, 8], subsets_per_size: 6"
     )
     with pytest.raises(ConfigError) as e:
         load_suite(str(f))

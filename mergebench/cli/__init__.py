@@ -6,7 +6,7 @@ into one ``error:`` line.
 """
 
 # Imported in the order `mergebench --help` lists the commands.
-from mergebench.cli import merge, run, results, diagnose, catalog, zoo  # noqa: F401,I001  (register commands)
+from mergebench.cli import merge, run, compare, results, fidelity, diagnose, catalog, zoo  # noqa: F401,I001  (register commands)
 from mergebench.cli.core import app, main
 
 __all__ = ["app", "main"]

@@ -77,6 +77,9 @@ def merge_cmd(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    calibration_texts: Annotated[Optional[Path], typer.Option(
+        help="data-dependent methods: JSON lines of calibration texts, {\"prompt\": ..., \"answer\": ..., "
+             "\"expert\": i} (no expert: every expert); take them from validation data, never test")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="output folder (written atomically)")] = ...,
 ) -> None:
     """Merge checkpoints with one method and write a Hugging Face folder."""
@@ -111,5 +114,10 @@ def merge_cmd(
             seed=seed, device=device, dtype=dtype, out_dtype=out_dtype, vocab_policy=vocab_policy,
             allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
         )
-    result = merge(request, out_dir, progress=not quiet, overwrite=overwrite)
+    data = None
+    if calibration_texts is not None:
+        from mergebench.engine.calibration import CalibrationData
+
+        data = CalibrationData.from_jsonl(calibration_texts, len(request.experts))
+    result = merge(request, out_dir, progress=not quiet, overwrite=overwrite, calibration=data)
     console.print(f"[green]merged[/] {request.method} of {len(request.experts)} experts -> {out_dir}  ({result.summary()})")

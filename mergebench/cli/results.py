@@ -17,7 +17,7 @@ from mergebench.cli.core import app, check_output, console, fail, out, print_war
 
 @app.command("sql")
 def sql_cmd(
-    query: Annotated[str, typer.Argument(help="DuckDB SQL over the views results, provenance, diagnostics, paper, all_results")],
+    query: Annotated[str, typer.Argument(help="DuckDB SQL over the views results, provenance, diagnostics, fidelity, paper, all_results")],
     results: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="JSON records instead of a table")] = False,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="also write the result to FILE.csv or FILE.parquet (outside the results folder)")] = None,

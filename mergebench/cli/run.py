@@ -162,6 +162,15 @@ def plan_cmd(
         f"{rates.seconds_per_unit:.3g} s/unit besides; {rates.basis}).",
         highlight=False,
     )
+    from mergebench.evaluation.per_task import calibration_cost_line, unit_calibration
+    from mergebench.evaluation.runner import merged_models
+
+    if plan.method.calibration is not None:  # data-dependent: what calibrating the pending merges reads
+        merged = [u for u in todo if u.role == "merged"]
+        data = [unit_calibration(plan.profile, plan.pool, plan.method, merged_models(plan, u), u.unit.params) for u in merged]
+        line = calibration_cost_line(plan.method, [(u.unit.params, [len(g) for g in d.groups]) for u, d in zip(merged, data)])
+        if line:
+            console.print(line, highlight=False)
 
 
 @app.command("sweep")

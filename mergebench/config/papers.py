@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
+from mergebench.config.yamlio import ConfigError, format_validation_error, read_yaml
 from mergebench.errors import MergebenchError
 from mergebench.paths import CHECKOUT
 
@@ -121,8 +122,6 @@ def papers_file() -> Path:
 def load_papers(path: Path | str | None = None) -> dict[str, Paper]:
     """Read and validate a registry file; any problem is one :class:`PaperError` line naming the
     file, the paper key and the field."""
-    from mergebench.config.pools import ConfigError, format_validation_error, read_yaml
-
     path = Path(path) if path is not None else papers_file()
     try:
         data = read_yaml(path)

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mergebench.config import papers
+from mergebench.config.yamlio import ConfigError, format_validation_error, read_yaml, validation_summary
 from mergebench.errors import MergebenchError
 from mergebench.paths import suites_root
 
@@ -61,10 +61,6 @@ TagValue = str | int | float | bool | list[str]
 # --------------------------------------------------------------------------- errors
 
 
-class ConfigError(MergebenchError, ValueError):
-    """A pool or suite file is missing or invalid; the message names the file and field."""
-
-
 class PoolError(MergebenchError, ValueError):
     """A pool cannot be used as asked."""
 
@@ -90,35 +86,6 @@ class MissingModelsError(PoolError):
 
 class PoolCompatibilityError(PoolError):
     """The pool's checkpoints cannot be merged together (architecture, tensors, shapes, vocab)."""
-
-
-def validation_summary(exc: ValidationError) -> str:
-    """A pydantic error as one line: ``field.path: message; other.field: message``."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
-        parts.append(f"{loc}: {err.get('msg')}")
-    return "; ".join(parts)
-
-
-def format_validation_error(path: Path | str, exc: ValidationError) -> str:
-    n = len(exc.errors())
-    return f"{path}: " + (f"invalid ({n} problems): " if n > 1 else "") + validation_summary(exc)
-
-
-def read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        why = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise ConfigError(f"{path}: not valid YAML{where}: {why}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
 
 
 # --------------------------------------------------------------------------- locations

@@ -33,6 +33,8 @@ from ..methods import (
 )
 from ..memory import peak_rss_bytes, reset_peak_rss
 from mergebench.engine.request import MergeRequest
+from ..methods.calibration import calibration_of
+from .calibration import CalibrationData, calibrate
 from .checkpoint import Checkpoint, open_checkpoint
 from .compat import MergePlan, Source, TensorPlan, plan_merge
 from .device import resolve_device
@@ -131,6 +133,9 @@ class MergeResult:
     """Peak resident memory of the process during the merge (VmHWM, reset at the start on Linux)."""
     notes: list[str] = field(default_factory=list)
     n_tensors: int = 0
+    calibration: dict[str, Any] | None = None
+    """For data-dependent methods: what calibration read and produced (budget, documents, tokens,
+    the data's origin and hash, a model step's log); see :mod:`mergebench.engine.calibration`."""
 
     def summary(self) -> str:
         """One line for logs: tensors, bytes read, time, throughput, peak memory."""
@@ -154,6 +159,8 @@ class MergeResult:
             "out_dtype": self.out_dtype,
             "inputs": self.inputs,
             "notes": self.notes,
+            **({"calibration": {k: v for k, v in self.calibration.items() if not k.endswith("_s") and k != "seconds"}}
+               if self.calibration is not None else {}),
         }
 
 
@@ -257,6 +264,7 @@ def merge(
     progress: bool = True,
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    calibration: CalibrationData | None = None,
 ) -> MergeResult:
     """Run ``request``. With ``out``, write a complete HF folder there (atomically); with
     ``out=None``, return the merged tensors in ``MergeResult.state_dict`` (CPU, output dtype).
@@ -268,11 +276,19 @@ def merge(
     NaN/inf in any input tensor (unless ``request.allow_nonfinite``), ``NonFiniteOutputError``
     when the method turns finite inputs into NaN/inf, ``OutputWriteError`` (e.g. disk full).
     On any error nothing is left at ``out``: no partial folder, no temporary folder.
+
+    ``calibration``: the texts a data-dependent method (``spec.calibration``) is calibrated on;
+    missing texts for such a method, or texts for a data-free one, raise before any file is opened.
     """
     t_start = time.perf_counter()
     reset_peak_rss()
     timings: dict[str, float] = {}
     spec, params, weights = _validate(request)
+    need = calibration_of(spec)
+    if need is not None and calibration is None:
+        raise ParameterError(f"method {spec.name!r} is data-dependent: it needs calibration texts (validation split)")
+    if need is None and calibration is not None:
+        raise ParameterError(f"method {spec.name!r} is data-free: it takes no calibration texts")
     dest = Path(out).expanduser().resolve() if out is not None else None
     if dest is not None:
         check_destination(dest, overwrite)
@@ -302,6 +318,14 @@ def merge(
             notes=list(plan.notes), n_tensors=len(plan.tensors),
         )
         runner = _Runner(spec, params, weights, request, plan, compute, out_dtype, chunk_bytes)
+        if need is not None:
+            cal = calibrate(need, params, base=base.path if base is not None else None,
+                            experts=[c.path for c in experts], data=calibration, device=runner.device,
+                            dtype=torch.float64 if compute == torch.float64 else torch.float32,
+                            seed=request.seed, method=spec.name)
+            runner.extra_aux = cal.aux
+            result.calibration = cal.record
+            timings["calibration_s"] = cal.seconds
         with _Progress(progress, opened) as bar:
             if spec.prepass is not None:
                 t = time.perf_counter()
@@ -370,6 +394,7 @@ class _Runner:
         # name the culprit. Other methods get every input scanned as it is read.
         self.fused = "nonfinite_propagates" in spec.properties
         self._loaded: list[tuple[Source, torch.Tensor, int, int]] | None = None  # inputs not yet scanned
+        self.extra_aux: dict[str, dict[str, list[torch.Tensor]]] = {}  # calibration statistics, by tensor
 
     def _load(self, src: Source | None, r0: int, r1: int) -> torch.Tensor | None:
         if src is None:
@@ -390,6 +415,8 @@ class _Runner:
         base = self._load(tp.base, r0, r1) if self.use_base else None
         experts = [self._load(s, r0, r1) for s in tp.experts]
         aux = {k: [self._load(s, r0, r1) for s in v] for k, v in tp.aux.items()}
+        for k, v in self.extra_aux.get(tp.name, {}).items():  # statistics shaped like the tensor follow its rows
+            aux[k] = [t[r0:r1].to(self.device) if tuple(t.shape) == tp.shape and t.dim() else t.to(self.device) for t in v]
         if not self.fused or prepass:
             self._scan(tp)
         return base, experts, aux

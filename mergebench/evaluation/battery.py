@@ -16,6 +16,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from mergebench.evaluation.outcomes import doc_outcomes
+
 __all__ = ["SCORERS", "Battery", "TaskScore", "evaluate_model", "quiet_progress_bars"]
 
 _SKIP = ("alias", "samples", "sample_len", " ")
@@ -78,6 +80,8 @@ class Battery:
         self._leaves = list(loaded["tasks"].values())
         self.task_manager = task_manager
         self.built = False
+        #: Per-document outcomes of the model scored last (:func:`mergebench.evaluation.outcomes.doc_outcomes`).
+        self.outcomes: list[dict] = []
 
     def score(self, model, tokenizer, *, batch_size: int | str = 16, device: str = "cpu", quiet: bool = False,
               scorer: str = "shared") -> tuple[list[TaskScore], dict]:
@@ -87,6 +91,7 @@ class Battery:
         once, output layer only where read); ``"hflm"`` lm-eval's stock ``HFLM``. ``quiet`` hides
         lm-eval's and datasets' progress bars (the caller draws its own)."""
         import lm_eval
+        import torch
 
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
@@ -102,7 +107,9 @@ class Battery:
         if self.built:
             self._reuse_requests()
         t0 = time.perf_counter()
-        with quiet_progress_bars() if quiet else contextlib.nullcontext():
+        # scoring never needs autograd: without this a caller outside inference mode keeps every
+        # activation alive (zoo verify reached 17 GB)
+        with torch.inference_mode(), quiet_progress_bars() if quiet else contextlib.nullcontext():
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=self._specs,
@@ -113,6 +120,7 @@ class Battery:
                 verbosity="WARNING",
             )
         self.built = True
+        self.outcomes = doc_outcomes(self._leaves, self.samples)
         stats = lm.stats.as_dict() if hasattr(lm, "stats") else {}
         stats.update(scorer=scorer, eval_seconds=time.perf_counter() - t0,
                      requests_total=sum(len(t.instances) for t in self._leaves))

@@ -29,11 +29,12 @@ from mergebench.methods import MethodSpec, ParameterError, get_method
 from mergebench.config.pools import Pool, load_pool, validate_pool_compatibility
 from mergebench.config.sampling import DocSample, Subset, samples_argument
 from mergebench.config.suites import Profile, Suite, TaskSpec, load_suite
+from mergebench.evaluation.per_task import task_assignment, unit_calibration, unit_identity
 
 # Besides the command's own entry points, the pieces a sweep (mergebench.sweep) reuses to plan and
 # run the very same units: public, so no other room reaches into this module's private names.
 __all__ = ["EvalPlan", "WorkUnit", "backfill_task_vector_norms", "base_as_expert", "doc_samples", "ensure_zoo",
-           "expected_seconds", "headline_score", "is_embedded", "load_model", "model_identity", "plan_eval", "run_eval", "run_unit",
+           "expected_seconds", "headline_score", "is_embedded", "load_model", "merged_models", "model_identity", "plan_eval", "run_eval", "run_unit",
            "summarize", "task_manager_for"]
 
 
@@ -260,7 +261,8 @@ def plan_eval(
             params=spec.validate_params(given, n_experts=len(s.members) + base_as_expert(spec, s)), seed=run_seed,
             extra={"models": [identities[m] for m in s.members], "base": identities[pool_obj.base.name],
                    "tasks": task_key(tasks), "lm_eval": lm_eval_version, "dtype": prof.eval.dtype,
-                   "base_counted": s.base_counted},
+                   "base_counted": s.base_counted,
+                   **unit_identity(spec, spec.validate_params(given, n_experts=len(s.members) + base_as_expert(spec, s)))},
             **common,
         )
         label = s.label or f"n={s.size} #{s.index}"
@@ -291,20 +293,30 @@ def load_model(path: str, dtype: str):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _merge_unit(plan: EvalPlan, wu: WorkUnit, device: str):
-    """The merged model of a ``merged`` work unit, in memory (a MergeResult with ``state_dict``)."""
+def merged_models(plan: EvalPlan, wu: WorkUnit) -> list[str]:
+    """Pool names of the models the engine merges as experts, in order (the base first when counted)."""
+    models = list(wu.members)
+    if wu.unit.extra.get("base_counted") and plan.method.contract.base == "unused":
+        models = [plan.pool.base.name, *models]
+    return models
+
+
+def _merge_unit(plan: EvalPlan, wu: WorkUnit, device: str, task: int | None = None):
+    """The merged model of a ``merged`` work unit, in memory (a MergeResult with ``state_dict``);
+    ``task``: which task's model of a per-task method (None: its unified model). Data-dependent
+    methods get their validation-split calibration texts (mergebench.evaluation.per_task)."""
     from mergebench.engine import merge
     from mergebench.engine.request import MergeRequest
 
     base_path = plan.paths[plan.pool.base.name]
-    experts = [plan.paths[m] for m in wu.members]
-    if wu.unit.extra.get("base_counted") and plan.method.contract.base == "unused":
-        experts = [base_path, *experts]
+    models = merged_models(plan, wu)
+    params = dict(wu.unit.params) if task is None else {**wu.unit.params, "task": task}
     request = MergeRequest(
-        method=plan.method.name, base=base_path, experts=experts, params=dict(wu.unit.params),
+        method=plan.method.name, base=base_path, experts=[plan.paths[m] for m in models], params=params,
         seed=plan.seed, device=device, dtype="float32", out_dtype=plan.profile.eval.dtype,
     )
-    return merge(request, None, progress=False)
+    calibration = unit_calibration(plan.profile, plan.pool, plan.method, models, params)
+    return merge(request, None, progress=False, calibration=calibration)
 
 
 def _norm(plan: EvalPlan, wu: WorkUnit, merged=None) -> float:
@@ -318,8 +330,8 @@ def _norm(plan: EvalPlan, wu: WorkUnit, merged=None) -> float:
 
 
 def run_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool = False,
-              scorer: str = "shared") -> tuple[list[dict], dict]:
-    """Merge (or load) one unit's model and score it: (result rows, provenance)."""
+              scorer: str = "shared") -> tuple[list[dict], dict, list[dict]]:
+    """Merge (or load) one unit's model and score it: (result rows, provenance, per-document outcomes)."""
     from mergebench.evaluation.battery import quiet_progress_bars
 
     with quiet_progress_bars() if quiet else contextlib.nullcontext():
@@ -333,10 +345,15 @@ def _score_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet:
 
     prov: dict[str, Any] = {}
     prof = plan.profile
+    if wu.role == "merged" and plan.method.outputs == "per_task":
+        return _score_per_task(plan, wu, device=device, batch_size=batch_size, quiet=quiet, scorer=scorer)
     if wu.role == "merged":
         with store.measure("merge", prov, device):
             result = _merge_unit(plan, wu, device)
         prov["task_vector_norm"] = _norm(plan, wu, result)
+        if result.calibration is not None:
+            prov["calibration"] = result.calibration
+            prov["calibration_s"] = result.timings.get("calibration_s")
         model, tok = load_merged_model(result, plan.paths[plan.pool.base.name])
         del result
     else:
@@ -354,7 +371,46 @@ def _score_unit(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet:
         eval_docs_per_s=docs / prov["eval_wall_s"] if prov["eval_wall_s"] > 0 else None, scorer=scorer,
         threads=torch.get_num_threads(),
     )
-    return _rows(scores, wu.tasks), prov
+    return _rows(scores, wu.tasks), prov, battery.outcomes
+
+
+def _score_per_task(plan: EvalPlan, wu: WorkUnit, *, device: str, batch_size, quiet: bool, scorer: str):
+    """A per-task method (EMR-Merging): each task scored with its own task's model, one model in
+    memory at a time; provenance records which model scored which task (``per_task``)."""
+    import torch
+
+    from mergebench.engine import load_merged_model
+
+    models = merged_models(plan, wu)
+    rows: list[dict] = []
+    outcomes: list[dict] = []
+    norms: list[float] = []
+    prov: dict[str, Any] = {"per_task": {}, "merge_wall_s": 0.0, "eval_wall_s": 0.0}
+    for task, tasks in task_assignment(plan.profile, plan.pool, models, wu.tasks):
+        part: dict[str, Any] = {}
+        with store.measure("merge", part, device):
+            result = _merge_unit(plan, wu, device, task)
+        norms.append(_norm(plan, wu, result))
+        model, tok = load_merged_model(result, plan.paths[plan.pool.base.name])
+        del result
+        _check_finite(model, f"the {plan.method.name} merge of {', '.join(wu.members)} (task {task})")
+        model.to(device)
+        battery = plan.battery(tasks)
+        with store.measure("eval", part, device):
+            scores, stats = battery.score(model, tok, batch_size=batch_size, device=device, quiet=quiet, scorer=scorer)
+        del model
+        rows += _rows(scores, tasks)
+        outcomes += battery.outcomes
+        prov["merge_wall_s"] += part["merge_wall_s"]
+        prov["eval_wall_s"] += part["eval_wall_s"]
+        prov["merge_peak_rss_bytes"] = max(prov.get("merge_peak_rss_bytes") or 0, part.get("merge_peak_rss_bytes") or 0)
+        for t in tasks:
+            prov["per_task"][t.name] = None if task is None else models[task]
+    docs = plan.n_docs(wu.tasks)
+    prov.update(eval_docs=docs, eval_docs_per_s=docs / prov["eval_wall_s"] if prov["eval_wall_s"] > 0 else None,
+                scorer=scorer, threads=torch.get_num_threads(),
+                task_vector_norm=sum(norms) / len(norms), task_vector_norms=norms)  # the mean over the task models
+    return rows, prov, outcomes
 
 
 def _check_finite(model, what: str) -> None:
@@ -423,11 +479,12 @@ def run_eval(
                     bar.update(task, advance=1)
                     continue
                 with torch.inference_mode():
-                    rows, prov = run_unit(plan, wu, device=device, batch_size=batch_size, quiet=progress,
-                                           scorer=scorer)
+                    rows, prov, outcomes = run_unit(plan, wu, device=device, batch_size=batch_size, quiet=progress,
+                                                     scorer=scorer)
                 rows = metrics.add_normalized(pd.DataFrame(rows))
                 prov["unit_wall_s"] = time.perf_counter() - t0
-                store.write_unit(wu.unit, rows, run_id=run_id, results_dir=results_dir, provenance={**env, **prov})
+                store.write_unit(wu.unit, rows, run_id=run_id, results_dir=results_dir, provenance={**env, **prov},
+                                 samples=outcomes)
             pace.observe(prov["eval_docs"], prov["eval_wall_s"], prov["unit_wall_s"], prov.get("merge_wall_s"),
                          wu.unit.method, len(wu.members))
             stats["done"] += 1

@@ -1,8 +1,18 @@
 """The merge-method API: contract, registry and naming helpers."""
 
 from .naming import count_layers, layer_index, module_kind
-from .registry import ENTRY_POINT_GROUP, UnknownMethodError, get_method, list_methods, method, register
-from .spec import Granularity, InputContract, Kernel, MethodSpec, ModuleKind, Param, ParameterError, TensorContext, tensor_seed
+from .registry import ENTRY_POINT_GROUP, UnknownMethodError, get_method, list_methods, method, register, unregister
+from .spec import (
+    Granularity,
+    InputContract,
+    Kernel,
+    MethodSpec,
+    ModuleKind,
+    Param,
+    ParameterError,
+    TensorContext,
+    tensor_seed,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -23,4 +33,5 @@ __all__ = [
     "module_kind",
     "register",
     "tensor_seed",
+    "unregister",
 ]

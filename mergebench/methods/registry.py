@@ -12,11 +12,11 @@ import importlib.metadata as md
 import warnings
 from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Any
-
-from .spec import Granularity, InputContract, Kernel, MethodSpec, Param
+from typing import Any, Literal
 
 from ..errors import MergebenchError
+from .calibration import CalibrationNeed
+from .spec import Granularity, InputContract, Kernel, MethodSpec, Param
 
 ENTRY_POINT_GROUP = "mergebench.methods"
 
@@ -43,6 +43,12 @@ def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
     return spec
 
 
+def unregister(name: str) -> MethodSpec | None:
+    """Remove the method registered in this process under ``name`` (a notebook cell or a test
+    that defines a method); the removed spec, or None. Entry points are not touched."""
+    return _REGISTRY.pop(name, None)
+
+
 def method(
     name: str,
     *,
@@ -60,10 +66,14 @@ def method(
     properties: Iterable[str] = (),
     summary: str | None = None,
     validate=None,
+    calibration: CalibrationNeed | None = None,
+    outputs: Literal["merged", "per_task"] = "merged",
 ) -> Callable[[Kernel], MethodSpec]:
     """Decorator turning a kernel function into a registered :class:`MethodSpec`.
 
-    The first line of the kernel's docstring becomes the summary unless given.
+    The first line of the kernel's docstring becomes the summary unless given. ``calibration``
+    declares the data a data-dependent method needs (docs/data-dependent.md); ``outputs="per_task"``
+    a method that builds one model per task.
     """
 
     def wrap(kernel: Kernel) -> MethodSpec:
@@ -86,6 +96,8 @@ def method(
             paper=paper,
             related_papers=tuple(related_papers),
             reference_url=reference_url,
+            calibration=calibration,
+            outputs=outputs,
         )
         return register(spec)
 

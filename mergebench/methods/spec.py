@@ -13,11 +13,15 @@ import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
+from ..config.papers import get_paper
 from ..errors import MergebenchError
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationNeed
 
 __all__ = [
     "Granularity",
@@ -325,19 +329,31 @@ class MethodSpec:
     paper it is applied as in)."""
     reference_url: str = ""
     """A URL for the method when it has no registry paper (the paper's URL is used otherwise)."""
+    calibration: CalibrationNeed | None = None
+    """What calibration data the method needs (:mod:`mergebench.methods.calibration`): statistics
+    the engine computes per expert (input Gram matrices, diagonal Fisher) and/or a model-level
+    step, handed to the kernel in ``ctx.aux``. None for data-free methods."""
+    outputs: Literal["merged", "per_task"] = "merged"
+    """``"per_task"``: the method builds one model per task (EMR-Merging). It then takes a nullable
+    int parameter ``task`` (the expert's index; None = its unified model), and the evaluation
+    scores each task with that task's model."""
 
     def __post_init__(self):
+        if self.outputs == "per_task" and not any(p.name == "task" and p.type == "int" and p.nullable for p in self.params):
+            raise ParameterError(f"method {self.name!r} declares per-task outputs but no nullable int parameter 'task'")
+        if self.calibration is not None:
+            by_name = {p.name: p for p in self.params}
+            for field_, pname in self.calibration.budget_params.items():
+                if pname not in by_name or by_name[pname].type != "int":
+                    raise ParameterError(f"method {self.name!r}: calibration budget field {field_!r} names "
+                                         f"{pname!r}, which is not an int parameter of the method")
         if self.paper is not None or self.related_papers:
-            from mergebench.config.papers import get_paper
-
             for key in (self.paper, *self.related_papers):
                 if key is not None:
                     get_paper(key)
 
     def paper_info(self) -> dict[str, Any] | None:
         """The registry entry of :attr:`paper` (title, authors, year, venue, arXiv, URL), or None."""
-        from mergebench.config.papers import get_paper
-
         return get_paper(self.paper).describe() if self.paper else None
 
     def url(self) -> str:
@@ -374,8 +390,6 @@ class MethodSpec:
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (``mergebench methods --json``), with the registry entries of
         the method's papers."""
-        from mergebench.config.papers import get_paper
-
         c = self.contract
         return {
             "name": self.name,
@@ -395,4 +409,7 @@ class MethodSpec:
             "aux_inputs": list(self.aux_inputs),
             "params": [p.as_dict() for p in self.params],
             "source": self.source,
+            "data_dependent": self.calibration is not None,
+            "calibration": self.calibration.describe() if self.calibration is not None else None,
+            "outputs": self.outputs,
         }

@@ -4,6 +4,7 @@ Layout under a results directory (default ``results/``)::
 
     runs/suite=<suite>/method=<method>/part-<run_id>-<unit_id>.parquet       # RESULTS_SCHEMA rows
     provenance/suite=<suite>/method=<method>/prov-<run_id>-<unit_id>.parquet # PROVENANCE_SCHEMA rows
+    samples/suite=<suite>/method=<method>/samples-<run_id>-<unit_id>.parquet # SAMPLES_SCHEMA: per-document outcomes
     paper/<table>.csv                                                        # published numbers (source='paper')
 
 One file per *unit of work* (one merged subset, or one reference model), written to a hidden
@@ -71,7 +72,9 @@ STALE_TEMP_S = 600
 _TABLE_FILES = {  # table -> (folder under the results dir, glob of its files)
     "results": ("runs", "suite=*/method=*/*.parquet"),
     "provenance": ("provenance", "suite=*/method=*/*.parquet"),
+    "samples": ("samples", "suite=*/method=*/*.parquet"),
     "diagnostics": ("diagnostics", "pool=*/kind=*/*.parquet"),
+    "fidelity": ("fidelity", "suite=*/*.parquet"),
 }
 
 
@@ -293,6 +296,18 @@ def schema_field(name: str, type_: pa.DataType, doc: str, nullable: bool = True)
     return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
 
 
+#: What was merged, shared by every table keyed by units (results, diagnostics): a join on these
+#: columns compares the same configuration whichever table a row comes from.
+MERGE_COLUMNS = (
+    schema_field("pool", pa.string(), "Name of the model pool the experts come from."),
+    schema_field("base_model", pa.string(), "Base model id (HF id or local name) the experts were fine-tuned from; task "
+                 "vectors are taken against it."),
+    schema_field("method", pa.string(), "Merge method name (registry name); null for rows about no merged model "
+                 "(reference rows, diagnostics of experts only)."),
+    schema_field("method_version", pa.string(), "MethodSpec.version of `method`; null when `method` is."),
+    schema_field("params_json", pa.string(), "Merge hyper-parameters as canonical JSON (sorted keys); '{}' if none."),
+)
+
 RESULTS_SCHEMA = pa.schema(
     [
         schema_field("run_id", pa.string(), "Id of the `mergebench eval` invocation that wrote the row (see new_run_id).", False),
@@ -302,11 +317,7 @@ RESULTS_SCHEMA = pa.schema(
         schema_field("suite", pa.string(), "Suite name, e.g. 'inthewild'.", False),
         schema_field("suite_version", pa.string(), "Suite version string; results of different versions are not comparable."),
         schema_field("profile", pa.string(), "Suite profile, e.g. 'embedded' or 'paper' (sizes, doc counts)."),
-        schema_field("pool", pa.string(), "Name of the model pool the experts come from."),
-        schema_field("base_model", pa.string(), "Base model id (HF id or local name) the experts were fine-tuned from."),
-        schema_field("method", pa.string(), "Merge method name (registry name); null for reference rows (role base/expert)."),
-        schema_field("method_version", pa.string(), "MethodSpec.version of the method; null for reference rows."),
-        schema_field("params_json", pa.string(), "Merge hyper-parameters as canonical JSON (sorted keys); '{}' if none."),
+        *MERGE_COLUMNS,
         schema_field("seed", pa.int64(), "Seed of the subset sampler / stochastic merge for this unit."),
         schema_field("subset", pa.list_(pa.string()), "Expert names merged, in merge order; [model] for a reference row."),
         schema_field("n", pa.int32(), "Merge size: number of experts in `subset` (0 for the base model, 1 for an expert)."),
@@ -389,11 +400,7 @@ DIAGNOSTICS_SCHEMA = pa.schema(
         schema_field("run_id", pa.string(), "Id of the `mergebench diagnose` invocation that wrote the row.", False),
         schema_field("unit_id", pa.string(), "Content hash of the diagnostic unit (DiagUnit.unit_id).", False),
         schema_field("created_at", pa.timestamp("us", tz="UTC"), "When the unit was written (UTC).", False),
-        schema_field("pool", pa.string(), "Model pool name."),
-        schema_field("base_model", pa.string(), "Base model id the task vectors are taken against."),
-        schema_field("method", pa.string(), "Merge method of the merged model diagnosed; null if no merged model."),
-        schema_field("method_version", pa.string(), "MethodSpec.version of `method`."),
-        schema_field("params_json", pa.string(), "Merge hyper-parameters as canonical JSON; '{}' if none."),
+        *MERGE_COLUMNS,
         schema_field("subset", pa.list_(pa.string()), "Experts diagnosed (and merged, when `method` is set), in order."),
         schema_field("seed", pa.int64(), "Seed of the bootstrap / stochastic merge."),
         schema_field("settings_json", pa.string(),
@@ -415,6 +422,58 @@ DIAGNOSTICS_SCHEMA = pa.schema(
         schema_field("extra_json", pa.string(), "Anything else, as JSON."),
     ],
     metadata={"mergebench_schema_version": SCHEMA_VERSION, "table": "diagnostics"},
+)
+
+#: The ``fidelity`` table: the papers' findings tested on the embedded profiles, written by
+#: ``mergebench fidelity`` (:mod:`mergebench.fidelity`; one file per suite, replaced on each
+#: run). Derived rows, like the diagnostics' statistics; defined here so the views need not import it.
+FIDELITY_DIR = "fidelity"
+FIDELITY_SCHEMA = pa.schema(
+    [
+        schema_field("suite", pa.string(), "Suite whose embedded profile tested the finding.", False),
+        schema_field("profile", pa.string(), "Profile tested (the embedded one)."),
+        schema_field("pool", pa.string(), "Pool of the tested rows (or of the diagnostics)."),
+        schema_field("kind", pa.string(), "'finding' (a published finding) or 'ranking' (rank agreement).", False),
+        schema_field("id", pa.string(), "Finding id in suites/papers/findings.yaml.", False),
+        schema_field("paper", pa.string(), "Paper key (suites/papers/papers.yaml)."),
+        schema_field("paper_title", pa.string(), "The paper's short title."),
+        schema_field("where", pa.string(), "Where the paper states the finding (section, table, figure)."),
+        schema_field("claim", pa.string(), "The finding as the paper states it."),
+        schema_field("check", pa.string(), "How it is tested (trend, share, method_gap, ..., kendall_tau)."),
+        schema_field("quantity", pa.string(), "The quantity or diagnostic tested."),
+        schema_field("estimate", pa.float64(), "The embedded result (slope, share, gap, r, tau ...); null if untestable."),
+        schema_field("ci_low", pa.float64(), "Lower end of its seeded 95 % bootstrap interval."),
+        schema_field("ci_high", pa.float64(), "Upper end of its seeded 95 % bootstrap interval."),
+        schema_field("n_obs", pa.int64(), "Observations behind the estimate (units, tasks, pairs, layers, methods)."),
+        schema_field("observed", pa.string(), "The embedded numbers in words (per n, per method)."),
+        schema_field("verdict", pa.string(), "'reproduced', 'not reproduced' or 'not testable here'.", False),
+        schema_field("reason", pa.string(), "Why the verdict."),
+        schema_field("seed", pa.int64(), "Bootstrap seed (NumPy PCG64)."),
+        schema_field("n_boot", pa.int64(), "Bootstrap resamples."),
+        schema_field("inputs_hash", pa.string(), "Fingerprint of the store rows and findings file the row was computed from."),
+        schema_field("computed_at", pa.timestamp("us", tz="UTC"), "When `mergebench fidelity` computed the row (UTC)."),
+    ],
+    metadata={"mergebench_schema_version": SCHEMA_VERSION, "table": "fidelity"},
+)
+
+#: The ``samples`` table: each unit's per-document outcomes (lm-eval's per-sample metrics), so two
+#: methods are compared paired on identical documents as well as identical subsets. Written with
+#: the unit's rows (:func:`write_unit`), one file per unit.
+SAMPLES_SCHEMA = pa.schema(
+    [
+        schema_field("run_id", pa.string(), "Run id (joins results.run_id).", False),
+        schema_field("unit_id", pa.string(), "Unit id (joins results.unit_id).", False),
+        schema_field("suite", pa.string(), "Suite name.", False),
+        schema_field("method", pa.string(), "Method name; null for reference units."),
+        schema_field("task", pa.string(), "lm-eval (leaf) task name.", False),
+        schema_field("doc_id", pa.int64(), "Index of the document in the task's evaluation split (the sampler's index).",
+                     False),
+        schema_field("metric", pa.string(), "lm-eval metric name, e.g. 'acc'.", False),
+        schema_field("value", pa.float64(), "This document's value of `metric` (1/0 for accuracies); the unit's "
+                     "reported value is their mean.", False),
+        schema_field("gold_loglik", pa.float64(), "Log-likelihood of the gold choice (multiple choice); null otherwise."),
+    ],
+    metadata={"mergebench_schema_version": SCHEMA_VERSION, "table": "samples"},
 )
 
 _REQUIRED_ROW_COLUMNS = ("task", "metric", "value")
@@ -667,6 +726,7 @@ def write_unit(
     provenance: Mapping[str, Any] | None = None,
     source: str = "run",
     exclusive: bool = False,
+    samples: Any = None,
 ) -> WriteResult:
     """Store one unit's rows (task, metric, value[, stderr, n_docs, normalized_value]) atomically.
 
@@ -689,6 +749,9 @@ def write_unit(
     the file is named by the unit alone, ``part-unit-<unit_id>.parquet``: racing writers commit
     to the same name with a no-replace hard link, so exactly one wins and the unit is never
     stored twice, not even for an instant. The rows still carry the writer's ``run_id``.
+
+    ``samples`` (task, doc_id, metric, value[, gold_loglik] per document; see
+    :func:`mergebench.evaluation.outcomes.doc_outcomes`) lands with the provenance, the same way.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}")
@@ -721,10 +784,12 @@ def write_unit(
     final = part / (f"part-unit-{uid}.parquet" if exclusive else f"part-{run_id}-{uid}.parquet")
     prov = None if provenance is None else _provenance_table(provenance, run_id=run_id, unit=unit,
                                                              results_dir=results_dir)
+    docs = None if samples is None else _samples_table(samples, run_id=run_id, unit=unit, results_dir=results_dir)
     rows_tmp = _stage(table, final)
-    prov_tmp = None
+    prov_tmp = docs_tmp = None
     try:
         prov_tmp = None if prov is None else _stage(*prov)
+        docs_tmp = None if docs is None else _stage(*docs)
         for moved in quarantine_files(results_dir, damaged):
             warn_store(f"moved the damaged rows file of unit {uid} to {moved}; storing the unit again")
         if not _commit(rows_tmp, final):
@@ -739,9 +804,11 @@ def write_unit(
             return WriteResult(uid, files[0], False)
         if prov_tmp is not None:
             _commit(prov_tmp, prov[1], overwrite=True)  # the same run re-recording a unit keeps the newest
+        if docs_tmp is not None:
+            _commit(docs_tmp, docs[1], overwrite=True)
         return WriteResult(uid, final, True)
     finally:
-        for tmp in (rows_tmp, prov_tmp):
+        for tmp in (rows_tmp, prov_tmp, docs_tmp):
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
 
@@ -788,6 +855,18 @@ def _provenance_table(record: Mapping[str, Any], *, run_id: str, unit: Unit | No
     table = conform_table(row, PROVENANCE_SCHEMA, constants)
     part = _partition(Path(results_dir), "provenance", suite, unit.method if unit else None)
     return table, part / f"prov-{run_id}-{uid or 'run'}.parquet"
+
+
+def _samples_table(samples: Any, *, run_id: str, unit: Unit, results_dir: str | os.PathLike) -> tuple[pa.Table, Path]:
+    """A unit's per-document outcomes as a SAMPLES_SCHEMA table, and the file it belongs in."""
+    table = rows_table(samples)
+    missing = [c for c in ("task", "doc_id", "metric", "value") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"unit {unit.unit_id}: per-document samples lack column(s) {missing}")
+    constants = {"run_id": run_id, "unit_id": unit.unit_id, "suite": unit.suite, "method": unit.method}
+    table = conform_table(table, SAMPLES_SCHEMA, constants)
+    part = _partition(Path(results_dir), "samples", unit.suite, unit.method)
+    return table, part / f"samples-{run_id}-{unit.unit_id}.parquet"
 
 
 def _unit_provenance_files(unit: Unit, results_dir: str | os.PathLike) -> list[Path]:
@@ -1007,7 +1086,8 @@ def connect(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, paper_dir: str
     """An in-memory DuckDB connection with views over the store.
 
     Views: ``results`` (all measured rows), ``provenance`` (records of units that have rows, and
-    run-level records), ``diagnostics``, ``paper`` (published rows; from `paper_dir`, default
+    run-level records), ``samples`` (per-document outcomes of units that have rows), ``diagnostics``, ``fidelity`` (the rows `mergebench fidelity` stored last),
+    ``paper`` (published rows; from `paper_dir`, default
     ``<results_dir>/paper``) and ``all_results`` (results UNION ALL BY NAME paper: run rows have
     null paper-only columns). File lists are resolved per query, but a directory that was empty
     at connect time stays an empty view (reconnect after the first write), and so does a table
@@ -1037,7 +1117,11 @@ def connect(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, paper_dir: str
 
     read["provenance"] = _parquet_view(con, "provenance", results_dir, PROVENANCE_SCHEMA, pinned=read_only,
                                        where=with_rows)
+    # the outcomes of the very run whose rows are stored (a unit recomputed after damage has two)
+    read["samples"] = _parquet_view(con, "samples", results_dir, SAMPLES_SCHEMA, pinned=read_only,
+                                    where=lambda _: "(unit_id, run_id) IN (SELECT DISTINCT unit_id, run_id FROM results)")
     read["diagnostics"] = _parquet_view(con, "diagnostics", results_dir, DIAGNOSTICS_SCHEMA, pinned=read_only)
+    read["fidelity"] = _parquet_view(con, "fidelity", results_dir, FIDELITY_SCHEMA, pinned=read_only)
     pdir = results_dir / "paper" if paper_dir is None else Path(paper_dir)
     if include_paper and pdir.is_dir():
         import pandas as pd
@@ -1096,7 +1180,7 @@ def sql(query: str, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, paper_
             return con.execute(query, params or []).df()
     except duckdb.PermissionException as exc:
         raise QueryRefusedError(f"{str(exc).splitlines()[0]}: `mergebench sql` reads only the store's views (results, "
-                                "provenance, diagnostics, paper, all_results)") from None
+                                "provenance, diagnostics, fidelity, paper, all_results)") from None
     finally:
         con.close()
 
@@ -1329,7 +1413,8 @@ def check_store(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> StoreCh
 
     results_dir = Path(results_dir)
     report = StoreCheck(results_dir)
-    schemas = {"results": RESULTS_SCHEMA, "provenance": PROVENANCE_SCHEMA, "diagnostics": DIAGNOSTICS_SCHEMA}
+    schemas = {"results": RESULTS_SCHEMA, "provenance": PROVENANCE_SCHEMA, "samples": SAMPLES_SCHEMA,
+               "diagnostics": DIAGNOSTICS_SCHEMA, "fidelity": FIDELITY_SCHEMA}
     sound: dict[str, list[Path]] = {}
     for table, schema in schemas.items():
         folder, pattern = _TABLE_FILES[table]
@@ -1356,7 +1441,7 @@ def check_store(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR) -> StoreCh
             report.problems += [StoreProblem("duplicate", f, f"its unit is also in {keep.name} (kept)") for f in extra]
         if table == "results":
             units = by_uid
-    for f in sound["provenance"]:
+    for f in sound["provenance"] + sound["samples"]:
         uid = f.stem.rsplit("-", 1)[-1]
         if uid != "run" and uid not in units:
             report.problems.append(StoreProblem("orphan", f, f"unit {uid} has no readable rows file"))

@@ -93,7 +93,8 @@ def next_steps(console: Console, suite: str, results: Path) -> None:
     """Where the rows went and what to run next (how `mergebench eval` and `sweep` end)."""
     console.print(
         f"rows stored in {results}/ (Parquet). Next: [bold]mergebench report --suite {suite}[/] "
-        f"(rankings) or [bold]mergebench leaderboard --results {results}[/] (browse)", highlight=False,
+        f"(rankings), [bold]mergebench compare A B --suite {suite}[/] (two methods paired on documents) "
+        f"or [bold]mergebench leaderboard --results {results}[/] (browse)", highlight=False,
     )
 
 

@@ -134,9 +134,9 @@ def run_job(
                                note=f"being computed by {claim.holder}")
         if store.has_unit(uid, results_dir):  # finished by another process since the check above
             return UnitOutcome(uid, "skipped", time.perf_counter() - t0, host, pid)
-        frame, record = _compute(plan, wu, provenance, device=device, threads=threads, host=host, pid=pid)
+        frame, record, outcomes = _compute(plan, wu, provenance, device=device, threads=threads, host=host, pid=pid)
         res = store.write_unit(wu.unit, frame, run_id=run_id, results_dir=results_dir, provenance=record,
-                               exclusive=True)
+                               exclusive=True, samples=outcomes)
     score = runner.headline_score(frame, wu.tasks)
     return UnitOutcome(uid, "done" if res.written else "skipped", time.perf_counter() - t0, host, pid,
                        None if math.isnan(score) else float(score))
@@ -144,7 +144,7 @@ def run_job(
 
 def _compute(plan: EvalPlan, wu: WorkUnit, provenance: Mapping[str, Any], *, device: str, threads: int | None,
              host: str, pid: int):
-    """Merge and evaluate one unit: (rows frame, provenance record)."""
+    """Merge and evaluate one unit: (rows frame, provenance record, per-document outcomes)."""
     import pandas as pd
     import torch
 
@@ -153,8 +153,8 @@ def _compute(plan: EvalPlan, wu: WorkUnit, provenance: Mapping[str, Any], *, dev
     plan = node_plan(plan)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        rows, prov = runner.run_unit(plan, wu, device=device, batch_size=plan.profile.eval.batch_size,
+        rows, prov, outcomes = runner.run_unit(plan, wu, device=device, batch_size=plan.profile.eval.batch_size,
                                       quiet=True)
     frame = metrics.add_normalized(pd.DataFrame(rows))
     prov["unit_wall_s"] = time.perf_counter() - t0  # what sweep estimates are calibrated on (mergebench.evaluation.pace)
-    return frame, {**dict(_environment(device)), **prov, "host": host, "pid": pid, **dict(provenance)}
+    return frame, {**dict(_environment(device)), **prov, "host": host, "pid": pid, **dict(provenance)}, outcomes

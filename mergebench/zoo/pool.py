@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import MergebenchError
+from . import wild
 from .train import ExpertSpec
 
 POOL_NAME = "smol"
@@ -257,8 +258,12 @@ def verify_adapters(manifest: dict | None = None) -> None:
 
 
 def materialized_path(name: str, cache_dir: Path | None = None) -> Path:
-    """Folder of a materialized pool member (``base`` or an expert name)."""
+    """Folder of a materialized pool member (``base`` or an expert name; ``wild/<name>`` is an
+    expert of the wild pool, :mod:`mergebench.zoo.wild`)."""
     from .base import BASE_NAME, default_cache_dir
+
+    if name.startswith(wild.PREFIX):
+        return wild.materialized_path(name, cache_dir)
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / BASE_NAME if name == "base" else root / POOL_NAME / name
@@ -322,6 +327,8 @@ def check_materialized(name: str, folder: Path, full: bool = False) -> bool:
     its record now: the base after a full check against its own manifest, an expert from the
     files as they are (the trust it had before).
     """
+    if name.startswith(wild.PREFIX):  # an expert of the wild pool version: its own manifest
+        return wild.check_materialized(name, folder, full=full)
     folder = Path(folder)
     if not _is_complete(name, folder):
         return False
@@ -482,8 +489,9 @@ def verify(
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(path)
-        for s in evaluate_model(model, tok, task_list, tm, samples=samples, batch_size=batch_size):
-            rows.append({"model": name, **s.as_dict()})
+        with torch.inference_mode():  # the scorer keeps autograd on otherwise (17 GB RSS measured)
+            scores = evaluate_model(model, tok, task_list, tm, samples=samples, batch_size=batch_size)
+        rows += [{"model": name, **s.as_dict()} for s in scores]
         log(f"scored {name} on {len(task_list)} tasks ({split}) in {time.perf_counter() - t0:.0f} s")
         del model
     return rows
