@@ -92,9 +92,9 @@ def test_every_embedded_task_matches_stock_hflm_request_by_request(tiny, all_tas
     s = {(x.task, x.metric): x.value for x in stock_scores}
     t = {(x.task, x.metric): x.value for x in shared_scores}
     assert s.keys() == t.keys() and {k for k in s if k[0] == "mb_news"}
-    for key in s:
-        tol = 1e-5 * max(1.0, abs(s[key])) if key[0] == "mb_news" else 0.0
-        assert math.isclose(s[key], t[key], rel_tol=0, abs_tol=tol), key
+    for key, value in s.items():
+        tol = 1e-5 * max(1.0, abs(value)) if key[0] == "mb_news" else 0.0
+        assert math.isclose(value, t[key], rel_tol=0, abs_tol=tol), key
 
 
 def test_contexts_longer_than_the_window_are_truncated_as_hflm_does(tiny_pool):
@@ -127,7 +127,65 @@ def test_results_do_not_depend_on_batching(tiny, batch_size, budget):
         ref = PrefixSharingLM(pretrained=model, tokenizer=tok, batch_size=8, quiet=True).loglikelihood(insts)
         got = PrefixSharingLM(pretrained=model, tokenizer=tok, batch_size=batch_size, token_budget=budget,
                               quiet=True).loglikelihood(insts)
-    _compare(got, ref, tol=1e-5)
+    _compare(got, ref)  # 1e-4, as against stock: the shared keys are computed in batches of other shapes
+
+
+def _synthetic_requests(seed=0):
+    """Requests built to hit every shape of the trie: documents sharing a long template (computed
+    once, read from the cache), a context that is a prefix of another one (a read at a shared
+    node), choices sharing their first tokens, one-token choices, a repeated request."""
+    g = torch.Generator().manual_seed(seed)
+
+    def toks(n):
+        return torch.randint(3, 250, (n,), generator=g).tolist()
+
+    template, other = toks(24), toks(9)
+    contexts = [template + toks(int(n)) for n in torch.randint(1, 12, (6,), generator=g)]
+    contexts += [other + toks(5), other + toks(3), template[:10]]  # template[:10]: inside every template context
+    contexts.append(contexts[0] + toks(4))  # extends another document's whole context
+    reqs = []
+    for ctx in contexts:
+        stem = toks(3)
+        for cont in ([stem[0]], [stem[1]], stem + toks(2), stem[:2] + toks(3), toks(1)):
+            reqs.append((None, ctx, cont))
+    reqs.append(reqs[3])
+    return reqs
+
+
+def test_documents_sharing_a_prefix_read_it_from_the_cache_and_match(tiny):
+    model, tok = tiny
+    reqs = _synthetic_requests()
+    lm = PrefixSharingLM(pretrained=model, tokenizer=tok, quiet=True, token_budget=64)
+    with torch.inference_mode():
+        got = lm._loglikelihood_tokens(reqs)
+        ref = _stock(model, tok)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    _compare(got, ref)
+    fed = [ctx + cont[:-1] for _, ctx, cont in reqs]
+    distinct = {tuple(f[: j + 1]) for f in fed for j in range(len(f))}  # each distinct prefix: one node
+    read = {tuple((ctx + cont)[:j]) for _, ctx, cont in reqs for j in range(len(ctx), len(ctx + cont))}
+    assert lm.stats.tokens_fed == len(distinct) and lm.stats.head_positions == len(read)
+    assert lm.stats.shared_tokens >= 24 and lm.stats.fallbacks == 0
+    assert lm.stats.stock_tokens == sum(map(len, fed))
+
+
+def test_without_a_cache_argument_each_context_is_its_own_trie(tiny):
+    """A decoder that takes no cache gets no sharing across documents, and rows never mix them."""
+    model, tok = tiny
+
+    class NoCache(PrefixSharingLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._cache_arg = None
+
+    reqs = _synthetic_requests(1)
+    lm = NoCache(pretrained=model, tokenizer=tok, quiet=True)
+    with torch.inference_mode():
+        _compare(lm._loglikelihood_tokens(reqs), _stock(model, tok)._loglikelihood_tokens(reqs, disable_tqdm=True))
+    contexts = {tuple(ctx) for _, ctx, _ in reqs}
+    per_context = {(tuple(ctx), tuple((ctx + cont[:-1])[: j + 1])) for _, ctx, cont in reqs
+                   for j in range(len(ctx + cont) - 1)}
+    assert lm.stats.rows == len(contexts) and lm.stats.shared_tokens == 0
+    assert lm.stats.tokens_fed == len(per_context)
 
 
 def test_sliding_window_requests_take_the_stock_path(tmp_path):

@@ -50,7 +50,12 @@ IDLE_S_PER_DOC = {
     "mb_gsm8k_calc": 0.083, "mb_gsm8k_mc": 0.274, "mb_medical_defs": 0.136, "mb_medical_terms": 0.148,
     "mb_sentiment": 0.063,
 }
-MERGE_S = 20.0  # generous allowance per merge + in-memory model build of a 135M model on 2 cores
+# The prefix-sharing scorer (the default since these were measured) does the same documents in
+# 0.54 of that time: the README main job (inthewild embedded, karcher, 18 merged units, 2 idle
+# threads, 2026-12-01) spent 32.2 s per unit evaluating 540 documents that the table above puts at
+# 59.8 s.
+SHARED_SCORER_FACTOR = 32.2 / 59.8
+MERGE_S = 4.5  # merge + in-memory model build + norms per unit in that run: 2.3 s (n=2) to 7.1 s (n=8)
 
 
 def seed_text(seed: str) -> str:
@@ -392,13 +397,13 @@ def test_embedded_profiles_fit_the_time_budget(smol_root):
         suite = load_suite(name)
         for key in ("embedded", "quick"):
             prof = suite.profile(key)
-            assert prof.budget_minutes is not None and prof.budget_minutes <= 10
+            assert prof.budget_minutes is not None and prof.budget_minutes <= 12
             seconds = 0.0
             for s in prof.subsets(pool):
                 seconds += MERGE_S
                 for t in prof.tasks_for(s, pool):
                     n = len(prof.doc_sample(t, counts[t.name][prof.docs.split]).indices)
-                    seconds += n * IDLE_S_PER_DOC[t.name]
+                    seconds += n * IDLE_S_PER_DOC[t.name] * SHARED_SCORER_FACTOR
             assert seconds <= prof.budget_minutes * 60, (name, key, seconds)
             plan = prof.plan_counts(pool, {k: v[prof.docs.split] for k, v in counts.items()})
             assert plan["merges"] == len(prof.subsets(pool)) and plan["merged_docs"] > 0

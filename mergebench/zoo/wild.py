@@ -33,7 +33,6 @@ documents per task) 3-6 min per model.  Results of that run: ``suites/wild/verif
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -45,6 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import MergebenchError
+from .files import file_problems, sha256
 from .wild_train import WildSpec
 
 POOL_NAME = "wild"
@@ -77,7 +77,7 @@ def _t(domain: str, scored: bool, far: bool, **extra) -> dict:
 
 
 EXPERTS: tuple[WildSpec, ...] = (
-    # --- trained on the train split of a scored task (4 of 12 = a third)
+    # --- trained on the train split of a scored task (4 of 13, under a third)
     WildSpec("antonyms-lora", ("task:antonyms",), rank=8, modules=ALL, steps=60, lr=1e-3, seed=101,
              tags=_t("general", True, False, task="mb_antonyms")),
     WildSpec("capitals-tiny", ("task:capitals",), rank=2, modules=ATTN, steps=8, lr=1e-4, seed=102,
@@ -105,6 +105,9 @@ EXPERTS: tuple[WildSpec, ...] = (
              tags=_t("codes", False, True, data="iso-codes")),
     WildSpec("manpages-lora", ("wild:manpages",), rank=8, modules=ATTN, steps=24, lr=1e-3, seed=112, batch_size=4,
              tags=_t("software", False, False, data="manpages")),
+    # added after the first measurement (6 of 12 beat the base): a 13th, off-battery far expert
+    WildSpec("iso-full", ("wild:iso-codes",), mode="full", modules=("gate_proj",), layers=(5, 14), steps=40,
+             lr=1.5e-3, seed=113, batch_size=4, tags=_t("codes", False, True, data="iso-codes")),
 )
 FAR = tuple(s.name for s in EXPERTS if s.tags["far"])
 
@@ -136,14 +139,6 @@ def read_manifest() -> dict:
         return json.loads(path.read_text())
     except ValueError as exc:
         raise WildPoolError(f"{path} is not valid JSON ({exc}); restore it from the repository") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextmanager
@@ -213,7 +208,7 @@ def build(names: list[str] | None = None, base: Path | None = None, log=print) -
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     pool_dir().mkdir(parents=True, exist_ok=True)
     manifest = json.loads(manifest_path().read_text()) if manifest_path().is_file() else {"pool": POOL_NAME, "experts": {}}
-    manifest["base"] = {"name": base.name, "manifest_sha256": _sha256(base / BASE_MANIFEST)}
+    manifest["base"] = {"name": base.name, "manifest_sha256": sha256(base / BASE_MANIFEST)}
     manifest["built_with"] = {"threads": BUILD_THREADS, "torch": torch.__version__, "machine": platform.machine(),
                               "processor": platform.processor() or platform.machine()}
     t_all = time.perf_counter()
@@ -233,7 +228,7 @@ def build(names: list[str] | None = None, base: Path | None = None, log=print) -
             "steps_per_s": round(len(trained.losses) / trained.seconds, 3),
             "n_examples": trained.n_examples,
             "n_tokens": trained.n_tokens,
-            "files": {p.name: _sha256(p) for p in sorted(target.iterdir()) if p.is_file()},
+            "files": {p.name: sha256(p) for p in sorted(target.iterdir()) if p.is_file()},
         }
         _write_json(manifest_path(), manifest)
         log(f"  {spec.name}: loss {trained.losses[0]:.3f} -> {trained.final_loss:.3f} in {trained.seconds:.0f} s")
@@ -247,15 +242,7 @@ def build(names: list[str] | None = None, base: Path | None = None, log=print) -
 def verify_files(manifest: dict | None = None) -> None:
     """Every committed expert file against the manifest's sha256 (before any work)."""
     manifest = manifest or read_manifest()
-    bad = []
-    for name, entry in manifest["experts"].items():
-        for fname, sha in entry["files"].items():
-            path = pool_dir() / name / fname
-            if not path.is_file():
-                bad.append(f"{path} is missing")
-            elif _sha256(path) != sha:
-                bad.append(f"{path} has sha256 {_sha256(path)[:12]}..., the manifest says {sha[:12]}...")
-    if bad:
+    if bad := file_problems(manifest["experts"], pool_dir()):
         raise WildPoolError(f"the wild pool's files do not match {manifest_path()}: " + "; ".join(bad))
 
 
@@ -292,7 +279,7 @@ def check_materialized(name: str, folder: Path, full: bool = False) -> bool:
         return False
     for fname, rec in record.get("files", {}).items():
         p = folder / fname
-        if not p.is_file() or p.stat().st_size != rec.get("size") or (full and _sha256(p) != rec.get("sha256")):
+        if not p.is_file() or p.stat().st_size != rec.get("size") or (full and sha256(p) != rec.get("sha256")):
             raise WildPoolError(f"materialized wild expert {name!r}: {p} changed since it was materialized; "
                                 f"rebuild it with `python -m mergebench.zoo.wild materialize --force`")
     return True
@@ -303,7 +290,7 @@ def _record_weights(folder: Path) -> None:
     files = {}
     for p in sorted(folder.glob("*.safetensors")):
         st = p.stat()
-        files[p.name] = {"sha256": _sha256(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        files[p.name] = {"sha256": sha256(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     _write_json(folder / WEIGHTS_RECORD, {"format": 1, "files": files})
 
 

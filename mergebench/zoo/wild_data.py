@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import random
@@ -30,6 +29,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MergebenchError
+from .files import sha256
 
 SEED = 20261201
 FORMAT = 1
@@ -75,10 +75,6 @@ def load_rows(source: str) -> list[dict]:
 
 def _rng(source: str) -> random.Random:
     return random.Random(f"{SEED}:{source}")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- parsers (pure)
@@ -223,8 +219,8 @@ def build(src: Path, out: Path | None = None) -> dict:
                 f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
         os.replace(tmp, path)
         manifest["sources"][name] = {
-            "rows": len(rows), "sha256": _sha256(path),
-            "inputs": {p.name: _sha256(p) for p in inputs},
+            "rows": len(rows), "sha256": sha256(path),
+            "inputs": {p.name: sha256(p) for p in inputs},
         }
     if "manpages" in manifest["sources"]:
         manifest["sources"]["manpages"]["inputs"] = {"lexgrog": f"{MAN_DIR} of the build machine (not pinned)"}
