@@ -22,6 +22,7 @@ from mergebench.cli import app
 from mergebench.zoo import pool as zoo_pool
 from mergebench.zoo.base import BASE_NAME
 from mergebench.zoo.base import MANIFEST as BASE_MANIFEST
+from mergebench.zoo.files import sha256
 
 runner = CliRunner()
 TASKS = ["mb_capitals", "mb_sentiment", "mb_elements"]
@@ -104,7 +105,7 @@ def fake_zoo(tiny_suites, tiny_pool, tmp_path, monkeypatch):
     monkeypatch.setenv("MERGEBENCH_CACHE", str(cache))
     b = zoo_pool.materialized_path("base", cache)
     shutil.copytree(base, b)
-    digests = {p.name: zoo_pool._sha256(p) for p in b.iterdir()}
+    digests = {p.name: sha256(p) for p in b.iterdir()}
     (b / BASE_MANIFEST).write_text(json.dumps({"format": 1, "name": BASE_NAME, "files": digests}))
     zoo_pool.record_weights(b, digests)
     manifest = zoo_pool.read_manifest()

@@ -105,9 +105,9 @@ EXPERTS: tuple[WildSpec, ...] = (
              tags=_t("codes", False, True, data="iso-codes")),
     WildSpec("manpages-lora", ("wild:manpages",), rank=8, modules=ATTN, steps=24, lr=1e-3, seed=112, batch_size=4,
              tags=_t("software", False, False, data="manpages")),
-    # added after the first measurement (6 of 12 beat the base): a 13th, off-battery far expert
-    WildSpec("iso-full", ("wild:iso-codes",), mode="full", modules=("gate_proj",), layers=(5, 14), steps=40,
-             lr=1.5e-3, seed=113, batch_size=4, tags=_t("codes", False, True, data="iso-codes")),
+    # added after the first measurement (6 of 12 beat the base): a 13th, off-battery expert
+    WildSpec("iso-attn", ("wild:iso-codes",), rank=16, modules=ATTN, steps=40, lr=2e-3, seed=113, batch_size=4,
+             tags=_t("codes", False, False, data="iso-codes")),
 )
 FAR = tuple(s.name for s in EXPERTS if s.tags["far"])
 
