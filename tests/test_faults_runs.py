@@ -38,7 +38,7 @@ COMMANDS = {
     "eval": ["eval", "--suite", "tiny", "--method", "linear", "--no-progress", "--threads", "1"],
     "sweep": ["sweep", "--suite", "tiny", "--methods", "linear", "--no-progress"],
 }
-STORE_ENTRIES = {"runs", "provenance", store.CLAIMS_DIR}  # everything else would be a leftover
+STORE_ENTRIES = {"runs", "provenance", store.CLAIMS_DIR, "samples"}  # everything else would be a leftover
 _REFERENCE: dict[str, dict] = {}  # command -> uninterrupted run: its duration and rows
 _LANDED: dict[str, dict[int, int]] = {}  # command -> case -> rows files stored when it was killed
 
@@ -130,6 +130,9 @@ def _assert_accounted(results: Path, ref: dict, tmp: Path) -> None:
     assert _values(results) == pytest.approx(ref["values"]), "resumed scores differ from an uninterrupted run's"
     prov = _provenance(results)
     assert prov == Counter({u: 1 for u in ref["units"]}), f"provenance records per unit: {dict(prov)}"
+    with store.connect(results) as con:  # each unit's per-document outcomes, from the run whose rows are stored
+        outcomes = dict(con.execute("SELECT unit_id, count(DISTINCT run_id) FROM samples GROUP BY unit_id").fetchall())
+    assert outcomes == {u: 1 for u in ref["units"]}, f"outcome runs per unit: {outcomes}"
     left = [p for p in results.rglob("*") if p.name.endswith(".tmp") or (p.is_file() and p.parent.name ==
                                                                          store.CLAIMS_DIR)]
     assert not left, f"left in the store: {left}"
