@@ -132,7 +132,10 @@ def _assert_accounted(results: Path, ref: dict, tmp: Path) -> None:
     assert prov == Counter({u: 1 for u in ref["units"]}), f"provenance records per unit: {dict(prov)}"
     with store.connect(results) as con:  # each unit's per-document outcomes, from the run whose rows are stored
         outcomes = dict(con.execute("SELECT unit_id, count(DISTINCT run_id) FROM samples GROUP BY unit_id").fetchall())
-    assert outcomes == {u: 1 for u in ref["units"]}, f"outcome runs per unit: {outcomes}"
+    # outcomes land after the rows and provenance: a kill in between leaves a unit without them (like
+    # provenance, they are never half-written and never come from two runs)
+    assert set(outcomes) <= set(ref["units"]) and set(outcomes.values()) <= {1}, f"outcome runs per unit: {outcomes}"
+    assert len(outcomes) >= len(ref["units"]) - 1, f"units without outcomes: {set(ref['units']) - set(outcomes)}"
     left = [p for p in results.rglob("*") if p.name.endswith(".tmp") or (p.is_file() and p.parent.name ==
                                                                          store.CLAIMS_DIR)]
     assert not left, f"left in the store: {left}"
@@ -165,15 +168,16 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(command, case, tiny_suites
         proc = _start(command, results, env)
         time.sleep(delay)
         if proc.poll() is None:
-            break
-        _finish(proc)
+            os.kill(proc.pid, signal.SIGKILL)
+            code, _ = _finish(proc, 30)
+            if code == -signal.SIGKILL:  # else it ended between the poll and the kill: try again
+                break
+        else:
+            _finish(proc)
         shutil.rmtree(results)
         delay *= 0.7
     else:
         pytest.fail(f"the run kept ending before its kill point ({delay:.1f} s of ~{ref['seconds']:.1f} s)")
-    os.kill(proc.pid, signal.SIGKILL)
-    code, _ = _finish(proc, 30)
-    assert code == -signal.SIGKILL
     stored = sum(1 for _ in (results / "runs").rglob("*.parquet")) if results.is_dir() else 0
     _LANDED.setdefault(command, {})[case] = stored
     assert not _processes_naming(results), "a child of the killed run outlived it"
