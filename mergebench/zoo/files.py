@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["file_problems", "sha256"]
+__all__ = ["file_problems", "read_manifest_file", "sha256"]
 
 
 def sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -30,3 +31,13 @@ def file_problems(experts: Mapping[str, Mapping], folder: Path) -> list[str]:
             elif (got := sha256(path)) != sha:
                 bad.append(f"{path} has sha256 {got[:12]}..., the manifest says {sha[:12]}...")
     return bad
+
+
+def read_manifest_file(path: Path, error: type[Exception], build_hint: str) -> dict:
+    """A pool manifest's JSON; a missing or unreadable one is ``error`` naming the file and the fix."""
+    if not path.is_file():
+        raise error(f"{path} is missing: build the pool with `{build_hint}`")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise error(f"{path} is not valid JSON ({exc}); restore it from the repository") from None

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import MergebenchError
 from . import wild
-from .files import file_problems, sha256
+from .files import file_problems, read_manifest_file, sha256
 from .train import ExpertSpec
 
 POOL_NAME = "smol"
@@ -104,13 +104,7 @@ def manifest_path() -> Path:
 
 
 def read_manifest() -> dict:
-    path = manifest_path()
-    if not path.is_file():
-        raise ZooError(f"{path} is missing: build the pool with `mergebench zoo build`")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise ZooError(f"{path} is not valid JSON ({exc}); restore it from the repository") from None
+    return read_manifest_file(manifest_path(), ZooError, "mergebench zoo build")
 
 
 HEADLINE_METRIC = {"medical_defs": "acc_norm"}

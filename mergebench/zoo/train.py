@@ -32,7 +32,7 @@ TARGETS = {
 
 OBJECTIVES = ("lm", "rank")
 
-__all__ = ["OBJECTIVES", "TARGETS", "ExpertSpec", "TrainResult", "build_examples", "score_mc", "train_expert"]
+__all__ = ["OBJECTIVES", "TARGETS", "ExpertSpec", "TrainResult", "build_examples", "pad_examples", "score_mc", "train_expert"]
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def build_choice_examples(spec: ExpertSpec, tok) -> list[tuple[list[tuple[list[i
     return out
 
 
-def _pad(chunk: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_examples(chunk: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels) of (ids, n_prompt) examples, padded to the longest;
     labels are -100 on the prompt and the padding."""
     width = max(len(ids) for ids, _ in chunk)
@@ -216,9 +216,9 @@ def _batches(examples, spec: ExpertSpec, pad_id: int, gen: torch.Generator):
                 n_choices = {len(c) for c, _ in chunk}
                 if len(n_choices) != 1:
                     raise ValueError(f"{spec.name}: rows with different numbers of choices in one batch: {n_choices}")
-                yield (*_pad([e for c, _ in chunk for e in c], pad_id), torch.tensor([g for _, g in chunk]))
+                yield (*pad_examples([e for c, _ in chunk for e in c], pad_id), torch.tensor([g for _, g in chunk]))
             else:
-                yield (*_pad(chunk, pad_id), None)
+                yield (*pad_examples(chunk, pad_id), None)
 
 
 def _loss(model, input_ids, mask, labels, gold) -> torch.Tensor:

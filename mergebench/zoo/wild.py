@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import MergebenchError
-from .files import file_problems, sha256
+from .files import file_problems, read_manifest_file, sha256
 from .wild_train import WildSpec
 
 POOL_NAME = "wild"
@@ -132,13 +132,7 @@ def manifest_path() -> Path:
 
 
 def read_manifest() -> dict:
-    path = manifest_path()
-    if not path.is_file():
-        raise WildPoolError(f"{path} is missing: build the pool with `python -m mergebench.zoo.wild build`")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise WildPoolError(f"{path} is not valid JSON ({exc}); restore it from the repository") from None
+    return read_manifest_file(manifest_path(), WildPoolError, "mergebench zoo build --pool wild")
 
 
 @contextmanager

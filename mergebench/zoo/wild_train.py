@@ -24,6 +24,7 @@ import torch
 
 from ..errors import MergebenchError
 from .tasks import load_split, training_text
+from .train import pad_examples
 from .wild_data import load_rows
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -125,19 +126,6 @@ def examples(spec: WildSpec, tok) -> list[tuple[list[int], int]]:
     return out
 
 
-def _batch(chunk, pad_id: int):
-    width = max(len(ids) for ids, _ in chunk)
-    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    for r, (seq, n_prompt) in enumerate(chunk):
-        t = torch.tensor(seq, dtype=torch.long)
-        ids[r, : len(seq)] = t
-        mask[r, : len(seq)] = 1
-        labels[r, max(n_prompt, 1): len(seq)] = t[max(n_prompt, 1):]
-    return ids, mask, labels
-
-
 def _full_params(spec: WildSpec, model) -> dict[str, torch.nn.Parameter]:
     layers = set(spec.layer_list(model.config.num_hidden_layers))
     out = {}
@@ -205,7 +193,7 @@ def train(spec: WildSpec, base_model, tok, log=None) -> Trained:
         if len(order) < spec.batch_size:
             order += torch.randperm(len(exs), generator=gen).tolist()
         chunk, order = [exs[j] for j in order[: spec.batch_size]], order[spec.batch_size:]
-        ids, mask, labels = _batch(chunk, pad_id)
+        ids, mask, labels = pad_examples(chunk, pad_id)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{spec.name}: loss is {loss.item()} at step {step}")
