@@ -68,7 +68,7 @@ def _disk_dir() -> Path | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _code_key() -> str:
+def code_key() -> str:
     """The code and definitions the cached tables depend on: mergebench's own modules, the
     leaderboard's and the suite files (names, sizes, mtimes), and the installed methods."""
     pkg = Path(report.__file__).resolve().parent
@@ -83,7 +83,7 @@ def _disk(name: str, path: str, sig: tuple, args: tuple, compute, *, kind: str =
     folder = _disk_dir()
     if folder is None:
         return compute()
-    key = hashlib.sha256(json.dumps([name, str(Path(path).resolve()), sig, args, _code_key()],
+    key = hashlib.sha256(json.dumps([name, str(Path(path).resolve()), sig, args, code_key()],
                                     default=str).encode()).hexdigest()[:24]
     target = folder / f"{name}-{key}.{kind}"
     try:

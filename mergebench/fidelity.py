@@ -190,18 +190,14 @@ def paper_configurations(suite: str) -> dict[str, dict[str, Any]]:
     return {m: json.loads(report.paper_config(suite, m, "paper")) for m in sorted(names)}
 
 
-def _profile_pool(suite: str, profile: str) -> str | None:
-    s = report.suite_definitions().get(suite)
-    prof = s.profiles.get(profile) if s is not None else None
-    return prof.pools[0] if prof is not None and prof.pools else None
-
-
 def suite_data(con, suite: str, profile: str = PROFILE) -> SuiteData:
     """Gather :class:`SuiteData` from a :func:`mergebench.report.connect` connection: the (suite,
-    profile) group with merged rows written last, else the profile's first pool (for diagnostics)."""
+    profile) group on the profile's default pool when it has merged rows, else the group written
+    last, else the default pool (for diagnostics)."""
     groups = report.run_groups(con)
     g = groups[(groups["suite"] == suite) & (groups["profile"] == profile)]
-    pool = g["pool"].iloc[0] if len(g) else _profile_pool(suite, profile)
+    default = report.default_pool(suite, profile)
+    pool = default if default in set(g["pool"]) or not len(g) else g["pool"].iloc[0]
     empty = pd.DataFrame(columns=["unit_id", "role", "method", "params_json", "n", "subset", "score"])
     units, losses = empty, pd.DataFrame(columns=["unit_id", "method", "n", "task", "merging_loss_pct"])
     if len(g):

@@ -105,6 +105,13 @@ def suite_definitions() -> dict[str, Any]:
     return _suites(_suite_files_key())[0]
 
 
+def default_pool(suite: str, profile: str | None) -> str | None:
+    """The pool a suite's profile runs on when none is given (its first), or None if unknown."""
+    s = suite_definitions().get(suite)
+    prof = s.profiles.get(profile) if s is not None and profile is not None else None
+    return prof.pools[0] if prof is not None and prof.pools else None
+
+
 @functools.lru_cache(maxsize=2)
 def _headline_rows(key: tuple) -> tuple[tuple[str, str, str, str], ...]:
     rows = []

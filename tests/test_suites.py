@@ -96,7 +96,10 @@ def test_suites_load_with_versions_and_required_profiles():
         assert suite.version is not None and suite.id == f"{suite.name}@{suite.version}"
         assert {"paper", "embedded", "quick"} <= set(suite.profiles)
         assert suite.default_profile == "embedded" and suite.profile().name == "embedded"
-        assert suite.profile().pools[0] == "smol" and suite.profile("quick").pools[0] == "smol"  # smol: the default
+        # the in-the-wild suite runs on the wild pool (its regime); every other embedded profile and
+        # every quick profile on smol
+        assert suite.profile().pools[0] == ("wild" if suite.name == "inthewild" else "smol")
+        assert suite.profile("quick").pools[0] == "smol"
         for prof in suite.profiles.values():
             assert prof.deviations.strip() or prof.name == "paper", f"{suite.name}:{prof.name}: no deviations"
             assert set(prof.report) <= set(REPORT_METRICS)

@@ -18,7 +18,9 @@ def test_sweep_says_where_the_rows_went_and_what_to_run_next(tiny_suites, tmp_pa
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert f"rows stored in {results}/ (Parquet)" in text
-    assert f"mergebench report --suite {suite}" in text and f"mergebench leaderboard --results {results}" in text
+    for hint in (f"mergebench report --suite {suite} --results {results}",  # each hint runs as printed
+                 f"mergebench compare A B --suite {suite} --results {results}", f"mergebench leaderboard --results {results}"):
+        assert hint in text, hint
     assert text.rindex("mergebench leaderboard") > text.index("mean score")  # the last thing printed
     assert len(store.sql("SELECT * FROM results WHERE role = 'merged'", results)) > 0  # the rows really are there
     dry = CliRunner().invoke(app, ["sweep", "--suite", suite, "--methods", "linear", "--results", str(tmp_path / "dry"),

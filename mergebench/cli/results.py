@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -68,20 +67,15 @@ def leaderboard_cmd(
 
     check_results_dir(results, writable=False)
     _check_port(host, port)
-    spec = importlib.util.find_spec("mergebench.leaderboard.app")  # located, not imported (Streamlit runs it)
-    if spec is None or spec.origin is None:
-        fail("the leaderboard app (mergebench.leaderboard.app) is not installed; reinstall mergebench")
-    app_py = Path(spec.origin)
     try:
         import streamlit  # noqa: F401
     except ImportError:
         fail("the leaderboard needs streamlit, a dependency of mergebench that is not installed in this "
               f"environment ({sys.executable}): pip install 'streamlit>=1.40'")
+    from mergebench.leaderboard import serve
+
     env = {**os.environ, "MERGEBENCH_RESULTS": str(results.resolve())}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app_py),
-           "--server.address", host, "--server.port", str(port), "--server.headless", "true",
-           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
-           "--", "--results", str(results.resolve())]
+    cmd = serve.command(results, host=host, port=port)
     console.print(f"mergebench leaderboard on http://{host}:{port}  (results: {results})")
     if os.name == "posix":
         sys.stdout.flush()

@@ -91,10 +91,11 @@ def _stats_line(stats: SweepStats, where: Path) -> str:
 
 def next_steps(console: Console, suite: str, results: Path) -> None:
     """Where the rows went and what to run next (how `mergebench eval` and `sweep` end)."""
+    where = f" --results {results}"  # every hint runs as printed, whatever the folder
     console.print(
-        f"rows stored in {results}/ (Parquet). Next: [bold]mergebench report --suite {suite}[/] "
-        f"(rankings), [bold]mergebench compare A B --suite {suite}[/] (two methods paired on documents) "
-        f"or [bold]mergebench leaderboard --results {results}[/] (browse)", highlight=False,
+        f"rows stored in {results}/ (Parquet). Next: [bold]mergebench report --suite {suite}{where}[/] "
+        f"(rankings), [bold]mergebench compare A B --suite {suite}{where}[/] (two methods paired on "
+        f"documents) or [bold]mergebench leaderboard{where}[/] (browse)", highlight=False,
     )
 
 
