@@ -246,11 +246,18 @@ def committed_entry(name: str) -> dict:
 
 
 def materialize_members(names: list[str], log=print) -> None:
-    """Materialize whichever embedded pools ``names`` (zoo names) belong to."""
-    if any(not n.startswith(wild.PREFIX) for n in names):
-        materialize(log=log)
-    if any(n.startswith(wild.PREFIX) for n in names):
-        wild.materialize(log=log)
+    """Materialize the members ``names`` (zoo names) of whichever embedded pools they belong to;
+    the shared base alone does not pull in the smol pool's experts (6.6 GB)."""
+    from .base import materialize_base
+
+    smol = [n for n in names if not n.startswith(wild.PREFIX) and n != "base"]
+    wild_names = [n.removeprefix(wild.PREFIX) for n in names if n.startswith(wild.PREFIX)]
+    if smol:
+        materialize(names=smol, log=log)
+    if wild_names:
+        wild.materialize(names=wild_names, log=log)
+    if "base" in names and not smol and not wild_names:
+        materialize_base()
 
 
 def materialized_path(name: str, cache_dir: Path | None = None) -> Path:
