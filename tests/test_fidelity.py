@@ -295,9 +295,11 @@ def test_fidelity_table_on_a_synthetic_store(synthetic_table):
     t, again = synthetic_table
     pd.testing.assert_frame_equal(t, again)  # seeded: identical digits on every call
     v = t.set_index("id")["verdict"]
-    # small_store: the mean's task-vector norm is 3/sqrt(n) (shrinks); TA and TIES are stored with
-    # {"lambda": 1.0}, not the in-the-wild study's configuration; TSV-M has no rows
-    assert v["mean_task_vector_shrinks_with_n"] == REPRODUCED
+    # small_store: TA and TIES are stored with {"lambda": 1.0}, not the in-the-wild study's
+    # configuration (normalized TA), so neither TA's trends nor its norm vs n are tested; TSV-M has
+    # no rows (the trend check itself is tested on constructed units above)
+    assert v["mean_task_vector_shrinks_with_n"] == NOT_TESTABLE
+    assert "not in the paper's configuration" in t.set_index("id").loc["mean_task_vector_shrinks_with_n", "reason"]
     assert v["ta_p_gt_base_rises_with_n"] == NOT_TESTABLE
     assert "not in the paper's configuration" in t.set_index("id").loc["ta_p_gt_base_rises_with_n", "reason"]
     assert v["tsv_merge_declines_with_n"] == NOT_TESTABLE
