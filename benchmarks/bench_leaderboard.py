@@ -21,6 +21,19 @@ with other jobs (load average 5-7, so wall times are 2-4x an idle machine's):
 
 Server CPU seconds are what an idle machine needs in wall time for the script (the browser adds
 its own start-up); the idle target is <= 2 s.
+
+Idle (other jobs paused), 2026-12-01, a slower 2-core AMD EPYC machine, disk cache hit, measured
+with a standalone selenium script (request to table drawn):
+
+    a bare Streamlit page with one table, new browser:        2.30-2.38 s (same browser, new server: 0.79-0.88 s)
+    the ranking page, `streamlit run` (unwarmed): new browser 4.9-6.4 s, same browser and a new
+      server 3.0-3.7 s (the browser test before it started the server as below)
+    the ranking page, warmed (`python -m mergebench.leaderboard.serve`, what `mergebench
+      leaderboard` runs): new browser 3.6-4.8 s, same browser and a new server 1.63-2.07 s
+
+A new browser pays ~1.5 s compiling Streamlit's front end whatever the page, so <= 2 s holds only
+for a reader whose browser has opened the leaderboard before; the app's own script is ~0.5 s of
+server CPU of the warmed first load (py-spy).
 """
 
 from __future__ import annotations

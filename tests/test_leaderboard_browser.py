@@ -16,16 +16,16 @@ and choosing another suite in the sidebar must move ``?suite=`` with it.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from mergebench.leaderboard import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,14 +68,11 @@ def store_dir(tmp_path_factory):
 def _serve(store: Path, log_dir: Path, env: dict | None = None, port: int | None = None):
     """A fresh `streamlit run` of the app over `store`: yields (url, process) once it is healthy."""
     port = port or _free_port()
-    streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
     log = (log_dir / "streamlit.log").open("w")
     env = {**os.environ, "MERGEBENCH_RESULTS": str(store), "HF_HUB_OFFLINE": "1", **(env or {})}
-    proc = subprocess.Popen(
-        [streamlit, "run", str(ROOT / "leaderboard" / "app.py"), "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none", "--theme.base", "light", "--client.toolbarMode", "viewer"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # the server `mergebench leaderboard` starts (the pages' libraries imported before it listens)
+    cmd = serve.command(store, port=port, options=("--server.fileWatcherType", "none", "--theme.base", "light"))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
