@@ -33,8 +33,8 @@ def test_freedict_parser_reads_the_first_translation_of_each_entry():
         ("00databaseinfo", "00databaseinfo\nFreeDict header\n"),
         ("Albania", "Albania /ælbeiniə/\nAlbanie\n"),
         ("Albanian", "Albanian /ælbeiniən/\n1. albanais\n2. Albanais\n"),
-        ("check-in area", "check-in area /x/\nAbfertigungshalle <fem>, Abfertigungsbereich <masc> [aviat.]\n"
-                          "         Note: im Flughafengebäude\n"),
+        ("check-in area", ("check-in area /x/\nAbfertigungshalle <fem>, Abfertigungsbereich <masc> [aviat.]\n"
+                          "         Note: im Flughafengebäude\n")),
         ("blank", "blank /b/\n   Note: no sense line\n"),
     ]
     body, index = b"", []
@@ -219,18 +219,35 @@ def test_battery_average_uses_the_profile_metric():
 @built
 @pytest.mark.slow
 def test_rebuilding_an_expert_reproduces_its_committed_file(tmp_path, monkeypatch):
-    """Determinism: the smallest expert retrained (one thread) gives byte-identical files."""
+    """Reproducibility: the smallest expert retrained (one thread) gives the committed adapter.
+
+    Byte identity holds only on the CPU that built the pool: another CPU's matmul kernels sum in
+    another order (measured on an AMD EPYC against the committed build: 99.3 % of float16
+    elements equal, per-tensor relative error <= 3e-4).  So the check is what a rebuild anywhere
+    must give: the same config file, the same loss curve ends to 4 decimals and every tensor
+    within 1e-2 relative (a different seed, data or step count is off by O(1))."""
     import shutil
+
+    from safetensors.torch import load_file
 
     from mergebench.zoo import wild_data as wd
 
-    committed = wild.read_manifest()["experts"]["capitals-tiny"]["files"]
+    record = wild.read_manifest()["experts"]["capitals-tiny"]
+    committed = load_file(str(wild.pool_dir() / "capitals-tiny" / "adapter_model.safetensors"))
     suites = tmp_path / "suites"
     shutil.copytree(wd.data_dir().parent.parent / "embedded", suites / "embedded")
     shutil.copytree(wd.data_dir(), suites / "wild" / "data")
     monkeypatch.setenv("MERGEBENCH_SUITES", str(suites))
-    man = wild.build(["capitals-tiny"])
-    assert man["experts"]["capitals-tiny"]["files"] == committed
+    rebuilt = wild.build(["capitals-tiny"])["experts"]["capitals-tiny"]
+    assert rebuilt["files"]["adapter_config.json"] == record["files"]["adapter_config.json"]
+    assert rebuilt["first_train_loss"] == pytest.approx(record["first_train_loss"], abs=1e-4)
+    assert rebuilt["final_train_loss"] == pytest.approx(record["final_train_loss"], abs=1e-4)
+    new = load_file(str(wild.pool_dir() / "capitals-tiny" / "adapter_model.safetensors"))
+    assert sorted(new) == sorted(committed)
+    for key, ref in committed.items():
+        assert new[key].dtype == ref.dtype and new[key].shape == ref.shape, key
+        ref, got = ref.double(), new[key].double()
+        assert float((got - ref).norm() / ref.norm()) <= 1e-2, key
 
 
 def _tokenizer():
