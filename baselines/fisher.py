@@ -38,7 +38,7 @@ FISHER_BUDGET = CalibrationBudget(
               help="added to every Fisher value so entries no document moves still average (FusionBench's "
               "minimal_fisher_weight = 1e-6); equal floors keep equal-Fisher merges a plain mean"),
         Param("fisher_samples", "int", 256, ge=1,
-              help="calibration documents per expert (FusionBench's num_fisher_examples = 256)"),
+              help="validation documents per task of each expert (FusionBench's num_fisher_examples = 256)"),
     ],
     contract=InputContract(base="unused", min_experts=1, weights_normalized=True, nonnegative_weights=True),
     calibration=CalibrationNeed(statistics=("fisher",), labels=True, budget=FISHER_BUDGET,

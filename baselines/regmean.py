@@ -68,7 +68,7 @@ def regmean_solution(weights_list, grams, coeffs, alpha: float) -> torch.Tensor:
               "setting; 0.1 is FusionBench's regmean.yaml reduce_non_diagonal_ratio); 1 = the exact least-squares "
               "solution"),
         Param("regmean_samples", "int", 256, ge=1,
-              help="calibration documents per expert (FusionBench's num_regmean_examples = 256)"),
+              help="validation documents per task of each expert (FusionBench's num_regmean_examples = 256)"),
     ],
     contract=InputContract(base="unused", min_experts=1, weights_normalized=True, nonnegative_weights=True),
     calibration=CalibrationNeed(statistics=("gram",), labels=True, budget=REGMEAN_BUDGET,

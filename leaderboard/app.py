@@ -101,15 +101,11 @@ if not opts["suite"]:
 _default_suite = next(iter(opts["run_suite"]), "openllm" if "openllm" in opts["suite"] else opts["suite"][0])
 suite = _select("Suite", opts["suite"], "suite", _default_suite)
 g = groups[groups["suite"] == suite]
-# profile and pool: those with reproduced rows in this suite, the one written last first (the
-# profile's default pool first when it has rows)
-profile = _select("Profile", list(dict.fromkeys(g["profile"])), "profile") if len(g) else None
+# profile and pool: those with reproduced rows in this suite, ordered by report.group_choices (the
+# one written last first, the profile's default pool first when it has rows)
+profile = _select("Profile", report.group_choices(groups, suite)[0], "profile") if len(g) else None
 g = g[g["profile"] == profile]
-_pools = list(dict.fromkeys(g["pool"]))
-_default_pool = report.default_pool(suite, profile)
-if _default_pool in _pools:
-    _pools = [_default_pool, *(p for p in _pools if p != _default_pool)]
-pool = _select("Pool / base model", _pools, "pool") if len(g) else None
+pool = _select("Pool / base model", report.group_choices(groups, suite, profile)[1], "pool") if len(g) else None
 g = g[g["pool"] == pool]
 sizes = sorted({int(n) for s in g["sizes"] for n in s}) if len(g) else []
 n = (_select("Merge size n", sizes, "n", ALL, allow_all=True) if page not in ("scaling", "tasks", "fidelity") and sizes

@@ -375,6 +375,22 @@ def run_groups(con) -> pd.DataFrame:
                       FROM results WHERE role = 'merged' GROUP BY ALL ORDER BY last DESC, suite, profile, pool""")
 
 
+
+def group_choices(groups: pd.DataFrame, suite: str, profile: str | None = None) -> tuple[list[str], list[str]]:
+    """What the leaderboard offers for ``suite`` given :func:`run_groups`: its profiles with merged
+    rows (the one written last first) and the pools of ``profile`` (default: that first profile),
+    the profile's default pool first when it has rows, else the pool written last first.  The
+    app's filters and the browser tests both take their defaults from here."""
+    g = groups[groups["suite"] == suite]
+    profiles = list(dict.fromkeys(g["profile"]))
+    profile = profile if profile is not None else next(iter(profiles), None)
+    pools = list(dict.fromkeys(g[g["profile"] == profile]["pool"]))
+    default = default_pool(suite, profile)
+    if default in pools:
+        pools = [default, *(p for p in pools if p != default)]
+    return profiles, pools
+
+
 # ---------------------------------------------------------------------------------- ranking
 
 

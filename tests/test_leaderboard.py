@@ -189,6 +189,17 @@ def test_pareto_front_is_the_non_dominated_set(cost):
         report.pareto(d, "wall")
 
 
+def test_group_choices_put_the_last_profile_and_the_default_pool_first():
+    groups = pd.DataFrame({"suite": ["inthewild", "inthewild", "inthewild", "glue"],
+                           "profile": ["quick", "embedded", "embedded", "embedded"],
+                           "pool": ["smol", "smol", "wild", "smol"]})  # as run_groups orders them: last written first
+    assert report.default_pool("inthewild", "embedded") == "wild"
+    assert report.group_choices(groups, "inthewild") == (["quick", "embedded"], ["smol"])
+    # the profile's default pool (wild) comes before smol although smol was written later
+    assert report.group_choices(groups, "inthewild", "embedded") == (["quick", "embedded"], ["wild", "smol"])
+    assert report.group_choices(groups, "openllm") == ([], [])
+
+
 def test_reproduce_command_quotes_values():
     cmd = report.reproduce_command("ties", "glue", "paper", "my pool", json.dumps({"lambda": 0.2, "w": [1, 2]}), 3)
     assert cmd == "mergebench eval --method ties --suite glue --profile paper --pool 'my pool' " \

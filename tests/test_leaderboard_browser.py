@@ -160,19 +160,12 @@ def test_page_renders_in_chromium(server, browser, page):
 
 
 def _shown(con, suite, profile=None, pool=None):
-    """The (suite, profile, pool) group the app opens for ``suite``: the profile written last, the
-    profile's default pool when it has rows, else the pool written last."""
+    """The (suite, profile, pool) group the app opens for ``suite`` (the app's own defaults)."""
     from mergebench import report
 
-    g = report.run_groups(con)
-    g = g[g["suite"] == suite]
-    if g.empty:
-        return report.Filters(suite=suite)
-    profile = profile or g["profile"].iloc[0]
-    pools = list(g[g["profile"] == profile]["pool"])
-    default = report.default_pool(suite, profile)
-    pool = pool or (default if default in pools else pools[0] if pools else None)
-    return report.Filters(suite=suite, profile=profile, pool=pool)
+    profiles, pools = report.group_choices(report.run_groups(con), suite, profile)
+    profile = profile or next(iter(profiles), None)
+    return report.Filters(suite=suite, profile=profile, pool=pool or next(iter(pools), None))
 
 
 def test_ranking_table_content(server, browser, store_dir):

@@ -184,14 +184,25 @@ def gram_statistics(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
 
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    # A causal LM's output head reads the decoder's last hidden state: its Gram comes from that
+    # state directly, so the full-vocabulary logits (12 % of the time on SmolLM2, and unused) are
+    # never computed.
+    head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = next((n for n, m in linears.items() if m is head_module), None)
+    decoder = model.get_decoder() if head is not None and hasattr(model, "get_decoder") else None
+    decoder = None if decoder is model else decoder
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items() if decoder is None or n != head]
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for b in batches:
                 state["mask"] = b["attention_mask"].to(device).bool()
                 state["seen"] = []
-                model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+                ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+                if decoder is None:
+                    model(input_ids=ids, attention_mask=mask)
+                else:
+                    hook(head)(None, (decoder(input_ids=ids, attention_mask=mask).last_hidden_state,))
     finally:
         for h in handles:
             h.remove()
