@@ -133,7 +133,12 @@ def test_need_declaration_is_validated():
     assert need.resolve_budget({"n": 3}).documents == 3 and need.resolve_budget({}).documents == 8
     assert need.needs_backward and need.aux_keys == ("fisher",)
     cost = calibration_cost(need, {"n": 3}, n_experts=2)
-    assert cost == {"documents": 6, "max_tokens": 256, "forward_docs": 6, "backward_docs": 6, "models_loaded": 2}
+    assert cost == {"documents": 6, "max_tokens": 256, "forward_docs": 6, "backward_docs": 6,
+                    "passes": {"gram": 0, "fisher": 6, "model_step": 0}, "models_loaded": 2}
+    step = CalibrationNeed(statistics=("gram",), model_step=lambda *a: {}, budget=CalibrationBudget(documents=8))
+    cost = calibration_cost(step, {"epochs": 5, "samples_per_epoch": 3}, n_experts=2, documents=[8, 2])
+    assert cost["passes"] == {"gram": 10, "fisher": 0, "model_step": 5 * (3 + 2)}
+    assert (cost["forward_docs"], cost["backward_docs"]) == (10 + 25, 25)
 
 
 def test_calibrate_on_tiny_pool_one_expert_at_a_time(tmp_path):

@@ -261,6 +261,19 @@ def test_plan_shows_the_calibration_cost(tiny_suites, tmp_path):
     line = next(x for x in r.output.splitlines() if x.startswith("calibration (fisher)"))
     assert f"{len(merges)} merge(s), {docs} validation documents" in line
     assert f"{docs} forward and {docs} backward" in line
+    # nothing has timed fisher_merging on this store: the estimate adds its calibration at the assumed rate
+    from mergebench.evaluation.pace import ASSUMED_CALIBRATION_SECONDS, Pace, Rates, format_duration
+    from mergebench.evaluation.runner import untimed_calibration_seconds
+
+    plan = plan_eval("fisher_merging", "tiny", params={"fisher_samples": 3}, log=lambda m: None)
+    units = [u for u in plan.units if u.role == "merged"]
+    untimed = Pace(Rates(0.1, 1.0, "test"))
+    assert untimed_calibration_seconds(plan, units, untimed) == pytest.approx(docs * ASSUMED_CALIBRATION_SECONDS["fisher"])
+    assert f"~{format_duration(docs * ASSUMED_CALIBRATION_SECONDS['fisher'])} of it at assumed rates" in r.output
+    timed = Pace(Rates(0.1, 1.0, "test", merge_per_expert={"fisher_merging": 4.0}))
+    assert untimed_calibration_seconds(plan, units, timed) == 0.0  # a stored unit's merge time includes it
+    untimed.observe(10, 1.0, 3.0, merge_seconds=1.5, method="fisher_merging", n=2)
+    assert untimed_calibration_seconds(plan, units, untimed) == 0.0  # so does this run's first unit
 
 
 def test_engine_fisher_feeds_karcher_preconditioning_like_fisher_checkpoints(pool, tmp_path):

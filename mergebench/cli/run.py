@@ -149,7 +149,7 @@ def plan_cmd(
     n_docs = sum(plan.n_docs(u.tasks) for u in todo)
     merges = sum(u.role == "merged" for u in todo)
     from mergebench.evaluation.pace import Pace, format_duration, measured_rates
-    from mergebench.evaluation.runner import expected_seconds
+    from mergebench.evaluation.runner import expected_seconds, untimed_calibration_seconds
     from mergebench.threads import resolve_threads
 
     rates = measured_rates([results], plan.pool.name, device, threads=resolve_threads(None))
@@ -171,6 +171,9 @@ def plan_cmd(
         line = calibration_cost_line(plan.method, [(u.unit.params, [len(g) for g in d.groups]) for u, d in zip(merged, data)])
         if line:
             console.print(line, highlight=False)
+        if cal_s := untimed_calibration_seconds(plan, todo, pace):
+            console.print(f"No stored {plan.method.name} unit has timed its calibration yet: the estimate includes "
+                          f"~{format_duration(cal_s)} of it at assumed rates (mergebench.evaluation.pace).", highlight=False)
 
 
 @app.command("sweep")

@@ -445,21 +445,19 @@ def calibration_cost(need: CalibrationNeed, params: Mapping[str, Any], n_experts
     """What calibrating one merge costs, before anything runs (for ``mergebench plan``).
 
     ``documents``: documents per expert group (default: the budget's, for every expert).
-    Counts document forward passes and backward passes; a model step's passes are estimated
-    from its ``epochs`` and ``samples_per_epoch`` parameters when it has them.
+    Counts document forward passes and backward passes, and ``passes`` by kind (``gram``: a
+    forward pass per document, ``fisher``: a forward and a backward pass per document,
+    ``model_step``: a forward and backward pass per sampled document, from the step's ``epochs``
+    and ``samples_per_epoch`` parameters when it has them).
     """
     budget = need.resolve_budget(params)
     docs = list(documents) if documents is not None else [budget.documents] * n_experts
-    forward = backward = 0
-    if "gram" in need.statistics:
-        forward += sum(docs)
-    if "fisher" in need.statistics:
-        forward += sum(docs)
-        backward += sum(docs)
+    passes = {"gram": sum(docs) if "gram" in need.statistics else 0,
+              "fisher": sum(docs) if "fisher" in need.statistics else 0, "model_step": 0}
     if need.model_step is not None:
         steps = int(params.get("epochs", 0) or 0)
-        per = [min(int(params.get("samples_per_epoch", d) or d), d) for d in docs]
-        forward += steps * sum(per)
-        backward += steps * sum(per)
-    return {"documents": sum(docs), "max_tokens": budget.max_tokens, "forward_docs": forward,
-            "backward_docs": backward, "models_loaded": n_experts + (1 if need.model_step is not None else 0)}
+        passes["model_step"] = steps * sum(min(int(params.get("samples_per_epoch", d) or d), d) for d in docs)
+    return {"documents": sum(docs), "max_tokens": budget.max_tokens,
+            "forward_docs": passes["gram"] + passes["fisher"] + passes["model_step"],
+            "backward_docs": passes["fisher"] + passes["model_step"], "passes": passes,
+            "models_loaded": n_experts + (1 if need.model_step is not None else 0)}

@@ -18,14 +18,19 @@ from pathlib import Path
 
 from mergebench.results import store
 
-__all__ = ["ASSUMED_SECONDS_PER_DOC", "ASSUMED_SECONDS_PER_MERGE", "ASSUMED_SECONDS_PER_UNIT", "Pace", "Rates", "format_duration",
-           "measured_rates"]
+__all__ = ["ASSUMED_CALIBRATION_SECONDS", "ASSUMED_SECONDS_PER_DOC", "ASSUMED_SECONDS_PER_MERGE", "ASSUMED_SECONDS_PER_UNIT", "Pace", "Rates",
+           "calibration_seconds", "format_duration", "measured_rates"]
 
 # Measured: `mergebench eval --method karcher --suite inthewild` on 2 idle AMD EPYC cores, 2 threads,
 # prefix-sharing scorer (SmolLM2-135M, 540 documents per unit).
 ASSUMED_SECONDS_PER_DOC = 0.065
 ASSUMED_SECONDS_PER_MERGE = 2.7
 ASSUMED_SECONDS_PER_UNIT = 1.0  # loading or materializing the model, its task-vector norm, writing rows
+# Calibration of a data-dependent method no stored unit has timed yet, per document pass (validation
+# documents of the embedded tasks, SmolLM2-135M, 2 AMD EPYC threads, measured 2026-12-01 on glue
+# embedded): a Gram forward pass (RegMean) 0.16-0.27 s, a Fisher forward + backward pass (one
+# document at a time) ~1.05 s, a model-step forward + backward per sampled prompt (AdaMerging).
+ASSUMED_CALIBRATION_SECONDS = {"gram": 0.2, "fisher": 1.05, "model_step": 0.2}
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,15 @@ class Rates:
         """Expected seconds of one merge of ``n`` experts with ``method``."""
         rate = self.merge_per_expert.get(method, self.merge_per_expert.get(None))
         return rate * n if rate is not None and n else self.seconds_per_merge
+
+    def timed(self, method: str | None) -> bool:
+        """Whether stored units measured ``method``'s own merges (their time includes calibration)."""
+        return method in self.merge_per_expert
+
+
+def calibration_seconds(passes: dict[str, int]) -> float:
+    """Assumed seconds of calibration document passes by kind (``calibration_cost(...)["passes"]``)."""
+    return sum(n * ASSUMED_CALIBRATION_SECONDS.get(kind, 0.0) for kind, n in passes.items())
 
 
 def _device_kind(device: str | None) -> str:
@@ -145,6 +159,10 @@ class Pace:
         if own and n:
             return sum(own) / len(own) * n
         return self.prior.merge_seconds(method, n)
+
+    def timed(self, method: str | None) -> bool:
+        """Whether this run or the stored units measured ``method``'s merges."""
+        return any(m == method for m, _, _ in self.merges) or self.prior.timed(method)
 
     @property
     def seconds_per_unit(self) -> float:

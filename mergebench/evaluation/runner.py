@@ -35,7 +35,7 @@ from mergebench.evaluation.per_task import task_assignment, unit_calibration, un
 # run the very same units: public, so no other room reaches into this module's private names.
 __all__ = ["EvalPlan", "WorkUnit", "backfill_task_vector_norms", "base_as_expert", "doc_samples", "ensure_zoo",
            "expected_seconds", "headline_score", "is_embedded", "load_model", "merged_models", "model_identity", "plan_eval", "run_eval", "run_unit",
-           "summarize", "task_manager_for"]
+           "summarize", "task_manager_for", "untimed_calibration_seconds"]
 
 
 @dataclass
@@ -498,9 +498,32 @@ def run_eval(
 
 def expected_seconds(plan: EvalPlan, units: list[WorkUnit], pace) -> float:
     """Seconds ``units`` of ``plan`` should take at ``pace`` (a :class:`mergebench.evaluation.pace.Pace`):
-    their documents, their merges (per method and size) and the per-unit overhead."""
+    their documents, their merges (per method and size), the per-unit overhead and, for a
+    data-dependent method nothing has timed yet, its calibration at the assumed rates."""
     return sum(pace.unit_seconds(plan.n_docs(u.tasks), u.role == "merged", u.unit.method, len(u.members))
-               for u in units)
+               for u in units) + untimed_calibration_seconds(plan, units, pace)
+
+
+def untimed_calibration_seconds(plan: EvalPlan, units: list[WorkUnit], pace) -> float:
+    """Assumed calibration seconds of the merged ``units`` when neither the store nor this run has
+    timed a merge of the plan's (data-dependent) method; 0 once one has (a merge's measured time
+    includes its calibration)."""
+    from mergebench.engine.calibration import calibration_cost
+    from mergebench.evaluation.pace import calibration_seconds
+    from mergebench.evaluation.per_task import unit_calibration
+    from mergebench.methods.calibration import calibration_of
+
+    need = calibration_of(plan.method)
+    if need is None or pace.timed(plan.method.name):
+        return 0.0
+    total = 0.0
+    for u in units:
+        if u.role != "merged":
+            continue
+        data = unit_calibration(plan.profile, plan.pool, plan.method, merged_models(plan, u), u.unit.params)
+        groups = [len(g) for g in data.groups]
+        total += calibration_seconds(calibration_cost(need, u.unit.params, len(groups), groups)["passes"])
+    return total
 
 
 def _members(members: tuple[str, ...], width: int) -> str:
