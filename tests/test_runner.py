@@ -25,6 +25,15 @@ def test_plan_is_paired_across_methods_and_references_are_shared(tiny_suites):
     assert a.samples["mb_capitals"] == sorted(a.samples["mb_capitals"]) and len(a.samples["mb_capitals"]) == 5
 
 
+def test_a_two_model_method_skips_the_larger_subsets_and_says_so(tiny_suites):
+    said = []
+    slerp = plan_eval("slerp", "tiny", log=said.append)
+    linear = plan_eval("linear", "tiny", log=lambda m: None)
+    assert [u.members for u in slerp.merges] == [u.members for u in linear.merges if u.unit.n == 2]
+    assert [u.unit.unit_id for u in slerp.references] == [u.unit.unit_id for u in linear.references]
+    assert any("slerp merges at most 2 experts" in m and "1 subset(s) of n = 3 are skipped" in m for m in said)
+
+
 def test_bad_parameters_fail_before_any_work(tiny_suites, tmp_path):
     from mergebench.methods import ParameterError
 

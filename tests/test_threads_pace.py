@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mergebench.results import store
-from mergebench.evaluation.pace import ASSUMED_SECONDS_PER_DOC, Pace, Rates, measured_rates
+from mergebench.evaluation.pace import ASSUMED_SECONDS_PER_DOC, ASSUMED_SECONDS_PER_MERGE, Pace, Rates, measured_rates
 from mergebench.threads import ENV, ThreadsError, apply_threads, available_cores, resolve_threads
 
 
@@ -29,19 +29,22 @@ def test_threads_come_from_the_flag_then_the_environment_then_the_cores(monkeypa
         torch.set_num_threads(before)
 
 
-def _unit(i, role="merged"):
-    return store.Unit(suite="s", role=role, subset=(f"e{i}", "x"), method="linear" if role == "merged" else None,
+def _unit(i, role="merged", method="linear"):
+    return store.Unit(suite="s", role=role, subset=(f"e{i}", "x"), method=method if role == "merged" else None,
                       method_version="1" if role == "merged" else None, profile="p", pool="tiny")
 
 
-def _write(results, i, *, docs, eval_s, merge_s=1.0, unit_s=None, scorer="shared", threads=None, cpu=None):
+def _write(results, i, *, docs, eval_s, merge_s=1.0, unit_s=None, scorer="shared", threads=None, cpu=None,
+           method="linear", calibration_s=None):
     env = store.collect_environment("cpu")
     prov = {**env, "merge_wall_s": merge_s, "eval_wall_s": eval_s, "unit_wall_s": unit_s or eval_s + merge_s + 2.0,
             "scorer": scorer, "threads": threads or torch.get_num_threads(), "eval_docs": docs}
     if cpu:
         prov["cpu_model"] = cpu
+    if calibration_s is not None:
+        prov["calibration_s"] = calibration_s
     rows = [{"task": "t", "metric": "acc", "value": 0.5, "n_docs": docs}]
-    store.write_unit(_unit(i), rows, run_id=f"r{i}", results_dir=results, provenance=prov)
+    store.write_unit(_unit(i, method=method), rows, run_id=f"r{i}", results_dir=results, provenance=prov)
 
 
 def test_rates_prefer_this_cpu_and_scorer_and_include_the_per_unit_overhead(tmp_path):
@@ -76,3 +79,14 @@ def test_stored_merge_rates_are_per_expert_and_per_method(tmp_path):
     r = measured_rates([results], "tiny")
     assert r.merge_seconds("linear", 8) == pytest.approx(8.0) and r.merge_seconds("ties", 4) == pytest.approx(4.0)
     assert Rates(0.1, 7.0, "assumed").merge_seconds("ties", 4) == 7.0  # nothing measured: the assumed merge
+
+
+def test_a_data_dependent_merge_never_sets_the_rate_of_data_free_methods(tmp_path):
+    results = tmp_path / "results"
+    _write(results, 0, docs=10, eval_s=1.0, merge_s=300.0, method="regmean", calibration_s=290.0)
+    r = measured_rates([results], "tiny")
+    assert r.merge_seconds("regmean", 2) == pytest.approx(300.0) and r.timed("regmean")
+    assert not r.timed("linear") and r.merge_seconds("linear", 2) == ASSUMED_SECONDS_PER_MERGE
+    _write(results, 1, docs=10, eval_s=1.0, merge_s=2.0)  # linear, n = 2
+    r = measured_rates([results], "tiny")
+    assert r.merge_seconds("ties", 4) == pytest.approx(4.0) and r.seconds_per_merge == pytest.approx(2.0)

@@ -41,7 +41,7 @@ class Rates:
     units_measured: int = 0
     peak_rss_bytes: int | None = None
     seconds_per_unit: float = ASSUMED_SECONDS_PER_UNIT  # what a unit costs beyond its merge and scoring
-    # merge seconds per merged expert, by method (None: every method): merges grow with n and differ
+    # merge seconds per merged expert, by method (None: every data-free method): merges grow with n and differ
     # by method (TIES' top-k at n = 8 takes 3x Karcher's streaming mean)
     merge_per_expert: dict[str | None, float] = field(default_factory=dict)
 
@@ -72,7 +72,8 @@ _QUERY = """
     SELECT u.unit_id, u.role, u.method, u.n, u.docs, any_value(p.merge_wall_s) AS merge_s, any_value(p.eval_wall_s) AS eval_s,
            any_value(p.unit_wall_s) AS unit_s,
            any_value(p.merge_peak_rss_bytes) AS rss, any_value(p.device) AS device,
-           any_value(p.cpu_model) AS cpu_model, any_value(p.threads) AS threads, any_value(p.scorer) AS scorer
+           any_value(p.cpu_model) AS cpu_model, any_value(p.threads) AS threads, any_value(p.scorer) AS scorer,
+           coalesce(bool_or(p.extra_json LIKE '%"calibration_s"%'), false) AS calibrated
     FROM units u JOIN provenance p ON p.unit_id = u.unit_id
     WHERE u.pool = ? AND p.eval_wall_s IS NOT NULL AND u.docs > 0
     GROUP BY u.unit_id, u.role, u.method, u.n, u.docs"""
@@ -108,9 +109,12 @@ def measured_rates(results_dirs: Iterable[str | os.PathLike], pool: str, device:
                      f"assumed: embedded 135M pool on 2 AMD EPYC cores; no stored timings of pool {pool!r} on {kind} "
                      f"with the {scorer} scorer")
     merged = d[(d["role"] == "merged") & d["merge_s"].notna() & (d["n"] > 0)]
-    merges = merged["merge_s"]
+    merges = merged["merge_s"][~merged["calibrated"].astype(bool)]
     per_expert = merged["merge_s"] / merged["n"]
-    rates = {None: float(per_expert.median())} if len(merged) else {}
+    # the rate of a method with no stored merges: data-free merges only (a data-dependent merge's
+    # time includes its calibration, 20-100x a data-free one; untimed calibration is estimated apart)
+    free = per_expert[~merged["calibrated"].astype(bool)]
+    rates = {None: float(free.median())} if len(free) else {}
     rates.update({m: float(v) for m, v in per_expert.groupby(merged["method"]).median().items()})
     rss = d["rss"].dropna()
     overhead = (d["unit_s"] - d["eval_s"] - d["merge_s"].fillna(0.0)).dropna()

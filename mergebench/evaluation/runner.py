@@ -208,6 +208,15 @@ def plan_eval(
     spec = get_method(method)
     given = {**suite_obj.method_params(method, prof), **(params or {})}
     subsets = prof.subsets(pool_obj)
+    cap = spec.contract.max_experts
+    if cap is not None:  # a two-model method (SLERP) on a profile that also merges all at once
+        size = {id(s): len(s.members) + (1 if base_as_expert(spec, s) else 0) for s in subsets}
+        kept = [s for s in subsets if size[id(s)] <= cap]
+        if kept and len(kept) < len(subsets):
+            big = sorted({size[id(s)] for s in subsets} - {size[id(s)] for s in kept})
+            log(f"{spec.name} merges at most {cap} experts: the profile's {len(subsets) - len(kept)} subset(s) of "
+                f"n = {', '.join(map(str, big))} are skipped")
+            subsets = kept
     for n in sorted({len(s.members) + (1 if base_as_expert(spec, s) else 0) for s in subsets}):
         spec.contract.check(spec.name, has_base=True, n_experts=n)
         spec.validate_params(given, n_experts=n)
