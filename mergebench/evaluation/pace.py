@@ -29,8 +29,9 @@ ASSUMED_SECONDS_PER_UNIT = 1.0  # loading or materializing the model, its task-v
 # Calibration of a data-dependent method no stored unit has timed yet, per document pass (validation
 # documents of the embedded tasks, SmolLM2-135M, 2 AMD EPYC threads, measured 2026-12-01 on glue
 # embedded): a Gram forward pass (RegMean) 0.16-0.27 s, a Fisher forward + backward pass (one
-# document at a time) ~1.05 s, a model-step forward + backward per sampled prompt (AdaMerging).
-ASSUMED_CALIBRATION_SECONDS = {"gram": 0.2, "fisher": 1.05, "model_step": 0.2}
+# document at a time) ~1.05 s, a model-step forward + backward per sampled prompt (AdaMerging,
+# 16 prompts per task and epoch) 0.18-0.22 s for a pair, 0.37 s for 9 experts.
+ASSUMED_CALIBRATION_SECONDS = {"gram": 0.2, "fisher": 1.05, "model_step": 0.25}
 
 
 @dataclass(frozen=True)
