@@ -375,7 +375,6 @@ def run_groups(con) -> pd.DataFrame:
                       FROM results WHERE role = 'merged' GROUP BY ALL ORDER BY last DESC, suite, profile, pool""")
 
 
-
 def group_choices(groups: pd.DataFrame, suite: str, profile: str | None = None) -> tuple[list[str], list[str]]:
     """What the leaderboard offers for ``suite`` given :func:`run_groups`: its profiles with merged
     rows (the one written last first) and the pools of ``profile`` (default: that first profile),
