@@ -171,12 +171,13 @@ NUM = {"score": "{:.4f}", "mean": "{:.4f}", "std": "{:.4f}", "value": "{:.4f}", 
        "gain_vs_best_expert_pp": "{:+.2f}", "merge_wall_s": "{:.2f}", "merge_peak_gib": "{:.2f}",
        "eval_wall_s": "{:.1f}", "merging_loss_pct": "{:+.1f}", "average": "{:.4f}", "p": "{:.2g}",
        "statistic": "{:.3f}", "estimate": "{:+.3g}"}
-#: Pixel widths of the ranking table's columns: together under 1300 px, so the table fits a 1600 px
-#: window beside the sidebar without a horizontal scrollbar.
-WIDTHS = {"rank_label": 48, "method": 140, "params_label": 120, "score": 72, "merging_loss_pct": 96, "ci": 130,
+#: Pixel widths of the ranking table's columns: the in-the-wild table with every column (data badge
+#: included) is 1,096 px, so it fits a 1500 px window beside the sidebar (a 1,102 px box) without a
+#: horizontal scrollbar.
+WIDTHS = {"rank_label": 44, "method": 126, "params_label": 112, "score": 72, "merging_loss_pct": 96, "ci": 120,
           "ranks": 64, "p_best": 64, "p_gt_base": 72, "gain_vs_base_pp": 86, "gain_vs_best_expert_pp": 86,
           "merge_wall_s": 66, "eval_wall_s": 60, "n_units": 50, "paper": 150, "tuned": 90,
-          "data": 80}
+          "data": 74}
 
 
 def _integral(s: pd.Series) -> bool:

@@ -422,7 +422,8 @@ def unit_table(con, f: Filters) -> pd.DataFrame:
 
 #: Short names of common parameters in :func:`params_label`; others keep their own name.
 _PARAM_SHORT = {"lambda": "λ", "density": "d", "weight": "w", "weights": "w", "beta": "β", "eta": "η",
-                "epsilon": "ε", "normalize": "norm", "consensus": "sign", "max_iter": "iters"}
+                "epsilon": "ε", "normalize": "norm", "consensus": "sign", "max_iter": "iters",
+                "regmean_samples": "docs", "fisher_samples": "docs", "calibration_docs": "docs"}
 _PARAM_FIRST = ("lambda", "density", "t", "weight", "weights")
 
 
