@@ -149,29 +149,30 @@ def plan_cmd(
     n_docs = sum(plan.n_docs(u.tasks) for u in todo)
     merges = sum(u.role == "merged" for u in todo)
     from mergebench.evaluation.pace import Pace, format_duration, measured_rates
-    from mergebench.evaluation.runner import expected_seconds, untimed_calibration_seconds
+    from mergebench.evaluation.per_task import calibration_cost_line, unit_calibration
+    from mergebench.evaluation.runner import expected_seconds, merged_models, untimed_calibration_seconds
     from mergebench.threads import resolve_threads
 
     rates = measured_rates([results], plan.pool.name, device, threads=resolve_threads(None))
     pace = Pace(rates)
-    seconds = expected_seconds(plan, todo, pace)
-    merge_s = sum(pace.merge_seconds(u.unit.method, len(u.members)) for u in todo if u.role == "merged")
+    merged = [u for u in todo if u.role == "merged"]
+    # data-dependent: the pending merges' calibration texts, read once for the estimate and the cost line
+    data = ([unit_calibration(plan.profile, plan.pool, plan.method, merged_models(plan, u), u.unit.params) for u in merged]
+            if plan.method.calibration is not None else [])
+    cal_s = untimed_calibration_seconds(plan, todo, pace, data) if data else 0.0
+    seconds = expected_seconds(plan, todo, pace, calibration_s=cal_s)
+    merge_s = sum(pace.merge_seconds(u.unit.method, len(u.members)) for u in merged)
     console.print(
         f"{len(todo)} of {len(plan.units)} unit(s) to run: {merges} merge(s), {n_docs} documents; estimate "
         f"~{format_duration(seconds)} ({rates.seconds_per_doc:.3g} s/document, {merge_s:.0f} s of merges, "
         f"{rates.seconds_per_unit:.3g} s/unit besides; {rates.basis}).",
         highlight=False,
     )
-    from mergebench.evaluation.per_task import calibration_cost_line, unit_calibration
-    from mergebench.evaluation.runner import merged_models
-
-    if plan.method.calibration is not None:  # data-dependent: what calibrating the pending merges reads
-        merged = [u for u in todo if u.role == "merged"]
-        data = [unit_calibration(plan.profile, plan.pool, plan.method, merged_models(plan, u), u.unit.params) for u in merged]
+    if data:  # data-dependent: what calibrating the pending merges reads
         line = calibration_cost_line(plan.method, [(u.unit.params, [len(g) for g in d.groups]) for u, d in zip(merged, data)])
         if line:
             console.print(line, highlight=False)
-        if cal_s := untimed_calibration_seconds(plan, todo, pace):
+        if cal_s:
             console.print(f"No stored {plan.method.name} unit has timed its calibration yet: the estimate includes "
                           f"~{format_duration(cal_s)} of it at assumed rates (mergebench.evaluation.pace).", highlight=False)
 

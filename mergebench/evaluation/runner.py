@@ -208,16 +208,19 @@ def plan_eval(
     spec = get_method(method)
     given = {**suite_obj.method_params(method, prof), **(params or {})}
     subsets = prof.subsets(pool_obj)
+
+    def n_merged(s) -> int:  # the models the kernel receives (the base too where it counts as an expert)
+        return len(s.members) + (1 if base_as_expert(spec, s) else 0)
+
     cap = spec.contract.max_experts
     if cap is not None:  # a two-model method (SLERP) on a profile that also merges all at once
-        size = {id(s): len(s.members) + (1 if base_as_expert(spec, s) else 0) for s in subsets}
-        kept = [s for s in subsets if size[id(s)] <= cap]
+        kept = [s for s in subsets if n_merged(s) <= cap]
         if kept and len(kept) < len(subsets):
-            big = sorted({size[id(s)] for s in subsets} - {size[id(s)] for s in kept})
+            big = sorted({n_merged(s) for s in subsets} - {n_merged(s) for s in kept})
             log(f"{spec.name} merges at most {cap} experts: the profile's {len(subsets) - len(kept)} subset(s) of "
                 f"n = {', '.join(map(str, big))} are skipped")
             subsets = kept
-    for n in sorted({len(s.members) + (1 if base_as_expert(spec, s) else 0) for s in subsets}):
+    for n in sorted({n_merged(s) for s in subsets}):
         spec.contract.check(spec.name, has_base=True, n_experts=n)
         spec.validate_params(given, n_experts=n)
     from mergebench.config.suites import check_task_metrics
@@ -267,11 +270,11 @@ def plan_eval(
         members = ((pool_obj.base.name,) if s.base_counted else ()) + tuple(s.members)
         unit = store.Unit(
             role="merged", subset=members, method=spec.name, method_version=spec.version,
-            params=spec.validate_params(given, n_experts=len(s.members) + base_as_expert(spec, s)), seed=run_seed,
+            params=spec.validate_params(given, n_experts=n_merged(s)), seed=run_seed,
             extra={"models": [identities[m] for m in s.members], "base": identities[pool_obj.base.name],
                    "tasks": task_key(tasks), "lm_eval": lm_eval_version, "dtype": prof.eval.dtype,
                    "base_counted": s.base_counted,
-                   **unit_identity(spec, spec.validate_params(given, n_experts=len(s.members) + base_as_expert(spec, s)))},
+                   **unit_identity(spec, spec.validate_params(given, n_experts=n_merged(s)))},
             **common,
         )
         label = s.label or f"n={s.size} #{s.index}"
@@ -468,14 +471,15 @@ def run_eval(
     def eta(units) -> str:
         return format_duration(expected_seconds(plan, units, pace))
 
+    expected = eta(todo)  # once: an untimed calibration's estimate reads every merge's texts
     if todo:
-        log(f"{len(todo)} unit(s) to run, {stats['cached']} stored; expected ~{eta(todo)} "
+        log(f"{len(todo)} unit(s) to run, {stats['cached']} stored; expected ~{expected} "
             f"({pace.prior.basis})")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA {task.fields[eta]}"))
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task(f"{plan.method.name} on {plan.suite.id}:{plan.profile.name}", total=len(todo),
-                            eta=eta(todo))
+                            eta=expected)
         for k, wu in enumerate(todo, 1):
             bar.update(task, description=f"{'merging + ' if wu.role == 'merged' else ''}scoring {wu.label}")
             t0 = time.perf_counter()
@@ -505,18 +509,22 @@ def run_eval(
     return stats
 
 
-def expected_seconds(plan: EvalPlan, units: list[WorkUnit], pace) -> float:
+def expected_seconds(plan: EvalPlan, units: list[WorkUnit], pace, calibration_s: float | None = None) -> float:
     """Seconds ``units`` of ``plan`` should take at ``pace`` (a :class:`mergebench.evaluation.pace.Pace`):
     their documents, their merges (per method and size), the per-unit overhead and, for a
-    data-dependent method nothing has timed yet, its calibration at the assumed rates."""
+    data-dependent method nothing has timed yet, its calibration at the assumed rates
+    (``calibration_s``: that part, when the caller has computed it)."""
+    if calibration_s is None:
+        calibration_s = untimed_calibration_seconds(plan, units, pace)
     return sum(pace.unit_seconds(plan.n_docs(u.tasks), u.role == "merged", u.unit.method, len(u.members))
-               for u in units) + untimed_calibration_seconds(plan, units, pace)
+               for u in units) + calibration_s
 
 
-def untimed_calibration_seconds(plan: EvalPlan, units: list[WorkUnit], pace) -> float:
+def untimed_calibration_seconds(plan: EvalPlan, units: list[WorkUnit], pace, data: list | None = None) -> float:
     """Assumed calibration seconds of the merged ``units`` when neither the store nor this run has
     timed a merge of the plan's (data-dependent) method; 0 once one has (a merge's measured time
-    includes its calibration)."""
+    includes its calibration). ``data``: the merged units' calibration texts, in order, when the
+    caller has read them (:func:`mergebench.evaluation.per_task.unit_calibration`)."""
     from mergebench.engine.calibration import calibration_cost
     from mergebench.evaluation.pace import calibration_seconds
     from mergebench.evaluation.per_task import unit_calibration
@@ -525,14 +533,12 @@ def untimed_calibration_seconds(plan: EvalPlan, units: list[WorkUnit], pace) -> 
     need = calibration_of(plan.method)
     if need is None or pace.timed(plan.method.name):
         return 0.0
-    total = 0.0
-    for u in units:
-        if u.role != "merged":
-            continue
-        data = unit_calibration(plan.profile, plan.pool, plan.method, merged_models(plan, u), u.unit.params)
-        groups = [len(g) for g in data.groups]
-        total += calibration_seconds(calibration_cost(need, u.unit.params, len(groups), groups)["passes"])
-    return total
+    merged = [u for u in units if u.role == "merged"]
+    if data is None:
+        data = [unit_calibration(plan.profile, plan.pool, plan.method, merged_models(plan, u), u.unit.params)
+                for u in merged]
+    return sum(calibration_seconds(calibration_cost(need, u.unit.params, len(d.groups), [len(g) for g in d.groups])["passes"])
+               for u, d in zip(merged, data))
 
 
 def _members(members: tuple[str, ...], width: int) -> str:
